@@ -1,0 +1,145 @@
+//! `illmrec bank build|inspect`.
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, Subcommand};
+use illmrec::bank::{write_bank, Bank, BankRows, DType, Modality};
+use illmrec::npy::{NpyArray, NpyData};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum BankCommand {
+    /// Build a bank from an N×D .npy matrix (f32 or f16) and N item ids.
+    Build(BuildArgs),
+    /// Print a bank's header and verify its checksum.
+    Inspect {
+        /// The bank file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// N×D feature matrix (.npy, float32 or float16, C order).
+    #[arg(long, value_name = "FILE")]
+    npy: PathBuf,
+    /// Item ids: a .npy integer vector or a text file with one id per line, in row order.
+    #[arg(long, value_name = "FILE")]
+    ids: PathBuf,
+    /// Which modality the features are: img, cf or text.
+    #[arg(long)]
+    modality: String,
+    /// Storage precision of the rows: f32 or f16 [default: that of the .npy].
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Output bank file (written atomically).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+pub fn run(cmd: BankCommand) -> Result<()> {
+    match cmd {
+        BankCommand::Build(a) => build(a),
+        BankCommand::Inspect { file } => inspect(&file),
+    }
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    let modality = Modality::parse(&a.modality)?;
+    let matrix = NpyArray::read(&a.npy)?;
+    ensure!(
+        matrix.shape.len() == 2,
+        "{}: expected an N×D matrix, found shape {:?}",
+        a.npy.display(),
+        matrix.shape
+    );
+    let (n, dim) = (matrix.shape[0], matrix.shape[1]);
+    let ids = read_ids(&a.ids)?;
+    ensure!(
+        ids.len() == n,
+        "{} has {} ids but {} has {n} rows",
+        a.ids.display(),
+        ids.len(),
+        a.npy.display()
+    );
+    let dtype = match (&a.dtype, &matrix.data) {
+        (Some(d), _) => DType::parse(d)?,
+        (None, NpyData::F16(_)) => DType::F16,
+        (None, _) => DType::F32,
+    };
+    let values: Vec<f32> = match &matrix.data {
+        NpyData::F32(v) => v.clone(),
+        NpyData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        NpyData::I64(_) => bail!("{}: features must be float32 or float16", a.npy.display()),
+    };
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: row {} has a NaN or infinite value",
+            a.npy.display(),
+            i / dim
+        );
+    }
+    let header = match dtype {
+        DType::F32 => write_bank(&a.out, modality, dim, &ids, BankRows::F32(&values))?,
+        DType::F16 => {
+            let halves: Vec<half::f16> = values.iter().map(|v| half::f16::from_f32(*v)).collect();
+            write_bank(&a.out, modality, dim, &ids, BankRows::F16(&halves))?
+        }
+    };
+    println!(
+        "wrote {} ({modality}, {n} items × {dim}, {})",
+        a.out.display(),
+        dtype.name()
+    );
+    println!("checksum {}", illmrec::fsutil::hex(&header.checksum));
+    Ok(())
+}
+
+fn read_ids(path: &Path) -> Result<Vec<u64>> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        let arr = NpyArray::read(path)?;
+        let NpyData::I64(v) = arr.data else {
+            bail!("{}: ids must be an integer array", path.display())
+        };
+        return v
+            .into_iter()
+            .map(|x| {
+                u64::try_from(x).with_context(|| format!("{}: negative id {x}", path.display()))
+            })
+            .collect();
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| {
+            l.trim().parse().with_context(|| {
+                format!(
+                    "{} line {}: '{}' is not an item id",
+                    path.display(),
+                    n + 1,
+                    l.trim()
+                )
+            })
+        })
+        .collect()
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let bank = Bank::open(path)?;
+    let h = &bank.header;
+    println!("file      {}", path.display());
+    println!("format    ILLMBANK v{}", h.version);
+    println!("modality  {}", bank.modality);
+    println!("dtype     {}", bank.dtype.name());
+    println!("dim       {}", h.dim);
+    println!("count     {}", h.count);
+    if let (Some(first), Some(last)) = (bank.ids().first(), bank.ids().last()) {
+        println!("ids       {first} .. {last}");
+    }
+    println!("size      {} bytes", h.file_len);
+    println!("checksum  {}", bank.checksum_hex());
+    bank.verify()?;
+    println!("verified  ok");
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! Argument definitions and dispatch. Each subcommand lives in its own file.
+
+mod bank_cmd;
+mod bundle_cmd;
+mod recommend;
+mod score;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use illmrec::heads::WeightDtype;
+use illmrec::llm::{self, ContextOptions, ModelOptions};
+use illmrec::recommender::{MissingImage, Options};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "illmrec",
+    version,
+    about = "On-device I-LLMRec: LLM recommendation with one image token per item, on a memory-mapped GGUF model"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Recommend items for one history.
+    Recommend(recommend::RecommendArgs),
+    /// Score many users from a JSON-lines file.
+    Score(score::ScoreArgs),
+    /// Build or inspect feature banks.
+    #[command(subcommand)]
+    Bank(bank_cmd::BankCommand),
+    /// Create or verify bundles.
+    #[command(subcommand)]
+    Bundle(bundle_cmd::BundleCommand),
+    /// Write seeded random heads for a config (demos and tests before training).
+    InitHeads(InitHeadsArgs),
+    /// Quantize a GGUF model with llama.cpp.
+    Quantize(QuantizeArgs),
+    /// Show the build's compute backends and a model's metadata.
+    Info(InfoArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Recommend(a) => recommend::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Bank(c) => bank_cmd::run(c),
+        Command::Bundle(c) => bundle_cmd::run(c),
+        Command::InitHeads(a) => init_heads(a),
+        Command::Quantize(a) => quantize(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+/// Options shared by every command that runs the model.
+#[derive(Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// The bundle folder (manifest.json, heads, items, banks).
+    #[arg(long, value_name = "DIR")]
+    pub bundle: PathBuf,
+    /// GGUF model to use instead of the bundle's (or the default) model.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// CPU threads for the LLM [default: all cores].
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Layers to offload to the GPU (CUDA/Metal builds) [default: all on GPU builds, 0 otherwise].
+    #[arg(long)]
+    pub n_gpu_layers: Option<i32>,
+    /// Read the model into memory instead of memory-mapping it.
+    #[arg(long)]
+    pub no_mmap: bool,
+    /// Lock the model in RAM.
+    #[arg(long)]
+    pub mlock: bool,
+    /// Context size in positions.
+    #[arg(long = "ctx", default_value_t = 2048)]
+    pub n_ctx: u32,
+    /// Most recent history items written into the prompt.
+    #[arg(long, default_value_t = 10)]
+    pub max_history: usize,
+    /// What a history item without an image feature becomes in the prompt.
+    #[arg(long, value_enum, default_value_t = MissingImage::Text)]
+    pub missing_image: MissingImage,
+    /// Longest description written into a prompt, in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub description_tokens: usize,
+    /// Folder for the item-vector cache [default: <bundle>/cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Recompute the fixed task text for every request instead of reusing its KV cache.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Show llama.cpp's own log.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+impl RuntimeArgs {
+    pub fn options(&self) -> Options {
+        Options {
+            model: self.model.clone(),
+            model_options: ModelOptions {
+                n_gpu_layers: self.n_gpu_layers.unwrap_or_else(llm::default_gpu_layers),
+                use_mmap: !self.no_mmap,
+                use_mlock: self.mlock,
+                verbose: self.verbose,
+            },
+            context: ContextOptions {
+                n_ctx: self.n_ctx,
+                n_batch: 512,
+                n_threads: self.threads.unwrap_or_else(llm::default_threads),
+            },
+            max_history: self.max_history,
+            missing_image: self.missing_image,
+            description_tokens: self.description_tokens,
+            cache_dir: self.cache_dir.clone(),
+            reuse_prefix: !self.no_prefix_cache,
+        }
+    }
+}
+
+/// Parses "1,2,3" into item ids, naming the entry that is not a number.
+pub fn parse_ids(text: &str, what: &str) -> Result<Vec<u64>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u64>().with_context(|| {
+                format!("{what}: '{s}' is not an item id (expected a non-negative integer)")
+            })
+        })
+        .collect()
+}
+
+/// The warning printed whenever a bundle's heads were never trained.
+pub fn untrained_warning(provenance: &str) -> String {
+    format!(
+        "WARNING: this bundle's heads are randomly initialised, not trained ({provenance}); the ranking is NOT meaningful."
+    )
+}
+
+#[derive(Args)]
+struct InitHeadsArgs {
+    /// heads.json describing the dims, modalities and prompt style.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Output safetensors file.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    dtype: WeightDtype,
+}
+
+fn init_heads(a: InitHeadsArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("cannot read {}", a.config.display()))?;
+    let cfg: illmrec::heads::HeadsConfig = serde_json::from_str(&text)
+        .with_context(|| format!("heads config {} is not valid", a.config.display()))?;
+    anyhow::ensure!(
+        !cfg.trained,
+        "{} says trained: true, but these weights would be random; set it to false",
+        a.config.display()
+    );
+    let tensors = illmrec::heads::random_tensors(&cfg, a.seed)?;
+    illmrec::heads::write_safetensors(&a.out, &tensors, a.dtype)?;
+    let params: usize = tensors.iter().map(|t| t.2.len()).sum();
+    println!(
+        "wrote {} ({} tensors, {params} parameters, seed {})",
+        a.out.display(),
+        tensors.len(),
+        a.seed
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// Input GGUF (f32, f16, bf16 or an already quantized model).
+    input: PathBuf,
+    /// Output GGUF.
+    output: PathBuf,
+    /// Target type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_0, q4_k_m, q4_0, q3_k_m, q2_k.
+    #[arg(long = "type")]
+    ty: String,
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    llm::quantize(
+        &a.input,
+        &a.output,
+        &a.ty,
+        a.threads.unwrap_or_else(llm::default_threads),
+    )?;
+    let size = std::fs::metadata(&a.output)?.len();
+    println!(
+        "wrote {} ({:.1} MiB, {})",
+        a.output.display(),
+        size as f64 / (1 << 20) as f64,
+        a.ty
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// A GGUF model to describe [default: the default model, if present].
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    println!("illmrec {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "GPU offload: {}",
+        if llm::supports_gpu_offload() {
+            "available"
+        } else {
+            "not in this build"
+        }
+    );
+    println!("backends: {}", llm::system_info().trim());
+    let model = match a.model {
+        Some(m) => Some(m),
+        None => illmrec::bundle::default_model_path().ok(),
+    };
+    if let Some(path) = model {
+        let info = llm::GgufInfo::read(&path)?;
+        println!(
+            "model: {} ({}, n_embd {}, context {}, input scale {:.4})",
+            path.display(),
+            info.architecture,
+            info.n_embd,
+            info.context_length.map_or("?".into(), |c| c.to_string()),
+            info.input_scale()
+        );
+    }
+    Ok(())
+}

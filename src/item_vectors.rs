@@ -1,0 +1,268 @@
+//! The catalog side of scoring: every item's projected vector per modality, `f_i_m(x_m(item))`,
+//! computed once and kept in a memory-mapped cache file keyed by the heads, the banks and the
+//! catalog's ids, so a request only runs the user heads and dot products.
+//!
+//! Cache layout (little-endian): header (bincode fixed-int, [`CacheHeader`]) padded to 128
+//! bytes; `count` u64 item ids (catalog order = ascending id); `count × n_modalities` presence
+//! bytes, padded to 64; then per modality a `count × proj_dim` f32 matrix (absent rows are zero).
+
+use crate::bank::{Bank, Modality};
+use crate::catalog::Catalog;
+use crate::fsutil::{hex, write_atomic};
+use crate::heads::{dot, Heads};
+use anyhow::{ensure, Context, Result};
+use bincode::{Decode, Encode};
+use memmap2::Mmap;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const MAGIC: [u8; 8] = *b"ILLMIVEC";
+const VERSION: u32 = 1;
+const HEADER_SPACE: usize = 128;
+
+#[derive(Encode, Decode, Debug, PartialEq)]
+struct CacheHeader {
+    magic: [u8; 8],
+    version: u32,
+    proj_dim: u32,
+    n_modalities: u32,
+    modalities: [u8; 3],
+    count: u64,
+    key: [u8; 32],
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+}
+
+enum Storage {
+    Mapped(Mmap),
+    Memory(Vec<u8>),
+}
+
+/// Projected item vectors for the whole catalog.
+pub struct ItemVectors {
+    storage: Storage,
+    modalities: Vec<Modality>,
+    count: usize,
+    proj_dim: usize,
+    /// Where the cache file is, if it could be written.
+    pub path: Option<PathBuf>,
+    /// Whether this open computed the vectors (false: read from the cache).
+    pub computed: bool,
+}
+
+/// The cache key: heads checksum, each bank's payload checksum, and the catalog's ids.
+pub fn cache_key(heads: &Heads, banks: &BTreeMap<Modality, Bank>, catalog: &Catalog) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(heads.checksum);
+    for (m, bank) in banks {
+        h.update(m.name().as_bytes());
+        h.update(bank.header.checksum);
+    }
+    for item in catalog.items() {
+        h.update(item.id.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+impl ItemVectors {
+    /// Opens the cache in `cache_dir` if it matches, else computes the vectors and tries to
+    /// write the cache there (a read-only location only costs the recomputation next time).
+    pub fn open_or_build(
+        cache_dir: &Path,
+        heads: &Heads,
+        banks: &BTreeMap<Modality, Bank>,
+        catalog: &Catalog,
+    ) -> Result<Self> {
+        let key = cache_key(heads, banks, catalog);
+        let path = cache_dir.join(format!("item-vectors-{}.bin", &hex(&key)[..16]));
+        let modalities = heads.modalities();
+        if let Ok(file) = std::fs::File::open(&path) {
+            // SAFETY: cache files are replaced only by rename, never written in place.
+            if let Ok(map) = unsafe { Mmap::map(&file) } {
+                if let Ok(v) =
+                    Self::from_storage(Storage::Mapped(map), &key, &modalities, catalog.len())
+                {
+                    return Ok(Self {
+                        path: Some(path),
+                        ..v
+                    });
+                }
+            }
+        }
+        let bytes = build(&key, heads, banks, catalog)?;
+        let written = std::fs::create_dir_all(cache_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| write_atomic(&path, |out| Ok(out.write_all(&bytes)?)));
+        let mut v = Self::from_storage(Storage::Memory(bytes), &key, &modalities, catalog.len())?;
+        v.computed = true;
+        if let Err(e) = written {
+            eprintln!(
+                "warning: item vectors are not cached ({e:#}); they will be recomputed next time"
+            );
+        } else {
+            v.path = Some(path);
+        }
+        Ok(v)
+    }
+
+    fn from_storage(
+        storage: Storage,
+        key: &[u8; 32],
+        modalities: &[Modality],
+        count: usize,
+    ) -> Result<Self> {
+        let bytes = match &storage {
+            Storage::Mapped(m) => &m[..],
+            Storage::Memory(v) => &v[..],
+        };
+        ensure!(bytes.len() >= HEADER_SPACE, "cache too short");
+        let (h, _): (CacheHeader, usize) =
+            bincode::decode_from_slice(&bytes[..HEADER_SPACE], config())?;
+        ensure!(
+            h.magic == MAGIC && h.version == VERSION && &h.key == key,
+            "cache does not match"
+        );
+        ensure!(
+            h.count as usize == count && h.n_modalities as usize == modalities.len(),
+            "cache does not match"
+        );
+        let len = bytes.len();
+        let v = Self {
+            storage,
+            modalities: modalities.to_vec(),
+            count,
+            proj_dim: h.proj_dim as usize,
+            path: None,
+            computed: false,
+        };
+        ensure!(
+            len == v.matrix_offset() + modalities.len() * count * v.proj_dim * 4,
+            "cache has the wrong size"
+        );
+        Ok(v)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Mapped(m) => m,
+            Storage::Memory(v) => v,
+        }
+    }
+
+    fn mask_offset(&self) -> usize {
+        HEADER_SPACE + 8 * self.count
+    }
+
+    fn matrix_offset(&self) -> usize {
+        (self.mask_offset() + self.count * self.modalities.len()).div_ceil(64) * 64
+    }
+
+    pub fn modalities(&self) -> &[Modality] {
+        &self.modalities
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Item ids in catalog order.
+    pub fn ids(&self) -> &[u64] {
+        bytemuck::cast_slice(&self.bytes()[HEADER_SPACE..self.mask_offset()])
+    }
+
+    /// Whether item `i` (catalog position) has a feature in modality slot `m`.
+    pub fn has(&self, i: usize, m: usize) -> bool {
+        self.bytes()[self.mask_offset() + i * self.modalities.len() + m] != 0
+    }
+
+    /// Projected vector of item `i` in modality slot `m`.
+    pub fn vector(&self, i: usize, m: usize) -> &[f32] {
+        let start = self.matrix_offset() + (m * self.count + i) * self.proj_dim * 4;
+        bytemuck::cast_slice(&self.bytes()[start..start + self.proj_dim * 4])
+    }
+
+    /// Score of item `i` for a user: the mean over the modalities the item has of the dot
+    /// products `u_m · v_m(i)`; `None` when the item has no feature at all.
+    pub fn score(&self, user: &[Vec<f32>], i: usize) -> Option<f32> {
+        let (mut sum, mut n) = (0f32, 0u32);
+        for (m, u) in user.iter().enumerate() {
+            if self.has(i, m) {
+                sum += dot(u, self.vector(i, m));
+                n += 1;
+            }
+        }
+        (n > 0).then(|| sum / n as f32)
+    }
+}
+
+/// Computes the cache file's bytes.
+fn build(
+    key: &[u8; 32],
+    heads: &Heads,
+    banks: &BTreeMap<Modality, Bank>,
+    catalog: &Catalog,
+) -> Result<Vec<u8>> {
+    let modalities = heads.modalities();
+    let count = catalog.len();
+    let proj_dim = heads.config.proj_dim;
+    let header = CacheHeader {
+        magic: MAGIC,
+        version: VERSION,
+        proj_dim: proj_dim as u32,
+        n_modalities: modalities.len() as u32,
+        modalities: {
+            let mut m = [255u8; 3];
+            modalities
+                .iter()
+                .enumerate()
+                .for_each(|(k, x)| m[k] = *x as u8);
+            m
+        },
+        count: count as u64,
+        key: *key,
+    };
+    let mut out = vec![0u8; HEADER_SPACE];
+    bincode::encode_into_slice(&header, &mut out, config())?;
+    for item in catalog.items() {
+        out.extend_from_slice(&item.id.to_le_bytes());
+    }
+    let mut mask = vec![0u8; count * modalities.len()];
+    let mut matrices = Vec::with_capacity(modalities.len());
+    for (slot, m) in modalities.iter().enumerate() {
+        let bank = banks
+            .get(m)
+            .with_context(|| format!("the heads score {m}, but the bundle has no {m} bank"))?;
+        bank.verify()?;
+        let mut rows = Vec::new();
+        let mut present = Vec::new();
+        for (i, item) in catalog.items().iter().enumerate() {
+            if let Some(row) = bank.get(item.id) {
+                rows.extend(row.to_f32());
+                present.push(i);
+                mask[i * modalities.len() + slot] = 1;
+            }
+        }
+        let projected = heads.item[m].forward_rows(&rows);
+        let mut matrix = vec![0f32; count * proj_dim];
+        for (k, &i) in present.iter().enumerate() {
+            matrix[i * proj_dim..(i + 1) * proj_dim]
+                .copy_from_slice(&projected[k * proj_dim..(k + 1) * proj_dim]);
+        }
+        matrices.push(matrix);
+    }
+    out.extend_from_slice(&mask);
+    out.resize(out.len().div_ceil(64) * 64, 0);
+    for matrix in matrices {
+        out.extend(matrix.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Ok(out)
+}

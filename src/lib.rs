@@ -1,0 +1,23 @@
+//! illmrec: an on-device runtime for I-LLMRec, an LLM recommender that writes each history item
+//! as its title plus one visual token.
+//!
+//! Layout:
+//! - [`llm`]: the llama.cpp engine (the only module with FFI `unsafe`);
+//! - [`heads`]: adaptor, `[REC]` and retrieval heads from a checkpoint;
+//! - [`bank`]: memory-mapped feature banks;
+//! - [`catalog`], [`bundle`]: items and the deployment folder;
+//! - [`prompt`]: the reference prompt;
+//! - [`item_vectors`]: the cached catalog side of scoring;
+//! - [`recommender`]: everything together;
+//! - [`npy`], [`fsutil`]: file helpers.
+
+pub mod bank;
+pub mod bundle;
+pub mod catalog;
+pub mod fsutil;
+pub mod heads;
+pub mod item_vectors;
+pub mod llm;
+pub mod npy;
+pub mod prompt;
+pub mod recommender;

@@ -1,0 +1,752 @@
+//! The LLM engine: the only module that calls into llama.cpp (`llama-cpp-sys-2`) and therefore
+//! the only one with `unsafe` FFI code. Everything here is checked before it reaches the C API,
+//! because llama.cpp answers many mistakes with `GGML_ASSERT`, which aborts the whole process.
+//!
+//! What it offers:
+//! - [`GgufInfo::read`]: GGUF metadata (architecture, `n_embd`) without loading the weights;
+//! - [`token_embedding_row`]: one dequantised row of `token_embd.weight`, read from the file;
+//! - [`Model`]: a memory-mapped (by default) GGUF model with its tokenizer;
+//! - [`Context::last_hidden`]: run a sequence of token and embedding inputs and return the final
+//!   hidden state (after the final norm) at the last position only, reusing a cached prefix from
+//!   the KV cache when the sequence starts with it;
+//! - [`quantize`]: llama.cpp's model quantizer.
+
+use anyhow::{bail, ensure, Context as _, Result};
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_sys_2 as sys;
+use std::ffi::{c_char, CStr, CString};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
+
+pub type Token = i32;
+
+/// The sequence that holds the shared prefix in the KV cache.
+const PREFIX_SEQ: i32 = 0;
+/// The sequence a request is decoded on.
+const WORK_SEQ: i32 = 1;
+
+static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+
+/// Initialises llama.cpp once per process. Its log goes to stderr only when `verbose` is set by
+/// the first caller; otherwise it is silenced.
+fn backend(verbose: bool) -> &'static LlamaBackend {
+    BACKEND.get_or_init(|| {
+        let mut backend = LlamaBackend::init().expect("llama.cpp backend initialised twice");
+        if !verbose {
+            backend.void_logs();
+        }
+        backend
+    })
+}
+
+/// Metadata read from a GGUF header without loading tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufInfo {
+    pub architecture: String,
+    pub n_embd: usize,
+    pub context_length: Option<usize>,
+    pub name: Option<String>,
+}
+
+/// RAII wrapper over `gguf_context` (metadata only, `no_alloc`).
+struct GgufFile {
+    raw: NonNull<sys::gguf_context>,
+}
+
+impl GgufFile {
+    fn open(path: &Path) -> Result<Self> {
+        check_gguf_magic(path)?;
+        let c_path = path_to_cstring(path)?;
+        let params = sys::gguf_init_params {
+            no_alloc: true,
+            ctx: std::ptr::null_mut(),
+        };
+        // SAFETY: valid C string; gguf returns NULL on malformed files rather than aborting.
+        let raw = unsafe { sys::gguf_init_from_file(c_path.as_ptr(), params) };
+        let raw = NonNull::new(raw).with_context(|| {
+            format!(
+                "{} is not a readable GGUF file (corrupt or truncated header)",
+                path.display()
+            )
+        })?;
+        Ok(Self { raw })
+    }
+
+    fn key(&self, key: &str) -> Option<i64> {
+        let c_key = CString::new(key).ok()?;
+        // SAFETY: valid context and C string.
+        let id = unsafe { sys::gguf_find_key(self.raw.as_ptr(), c_key.as_ptr()) };
+        (id >= 0).then_some(id)
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        let id = self.key(key)?;
+        // SAFETY: the type is checked before the typed getter, which asserts on a mismatch.
+        unsafe {
+            if sys::gguf_get_kv_type(self.raw.as_ptr(), id) != sys::GGUF_TYPE_STRING {
+                return None;
+            }
+            let s = sys::gguf_get_val_str(self.raw.as_ptr(), id);
+            (!s.is_null()).then(|| CStr::from_ptr(s).to_string_lossy().into_owned())
+        }
+    }
+
+    fn integer(&self, key: &str) -> Option<u64> {
+        let id = self.key(key)?;
+        let ctx = self.raw.as_ptr();
+        // SAFETY: each typed getter is called only for its own type.
+        unsafe {
+            match sys::gguf_get_kv_type(ctx, id) {
+                sys::GGUF_TYPE_UINT32 => Some(sys::gguf_get_val_u32(ctx, id) as u64),
+                sys::GGUF_TYPE_INT32 => u64::try_from(sys::gguf_get_val_i32(ctx, id)).ok(),
+                sys::GGUF_TYPE_UINT64 => Some(sys::gguf_get_val_u64(ctx, id)),
+                sys::GGUF_TYPE_INT64 => u64::try_from(sys::gguf_get_val_i64(ctx, id)).ok(),
+                _ => None,
+            }
+        }
+    }
+
+    fn info(&self, path: &Path) -> Result<GgufInfo> {
+        let architecture = self
+            .string("general.architecture")
+            .with_context(|| format!("GGUF {} has no general.architecture", path.display()))?;
+        let n_embd = self
+            .integer(&format!("{architecture}.embedding_length"))
+            .with_context(|| {
+                format!(
+                    "GGUF {} has no {architecture}.embedding_length",
+                    path.display()
+                )
+            })?;
+        Ok(GgufInfo {
+            n_embd: n_embd as usize,
+            context_length: self
+                .integer(&format!("{architecture}.context_length"))
+                .map(|v| v as usize),
+            name: self.string("general.name"),
+            architecture,
+        })
+    }
+}
+
+impl Drop for GgufFile {
+    fn drop(&mut self) {
+        // SAFETY: created by gguf_init_from_file, freed once.
+        unsafe { sys::gguf_free(self.raw.as_ptr()) }
+    }
+}
+
+impl GgufInfo {
+    pub fn read(path: &Path) -> Result<Self> {
+        GgufFile::open(path)?.info(path)
+    }
+
+    /// The factor llama.cpp applies to token-embedding rows inside the graph, and which an
+    /// injected vector therefore needs to be equivalent to a token: √n_embd for Gemma models.
+    pub fn input_scale(&self) -> f32 {
+        if self.architecture.starts_with("gemma") {
+            (self.n_embd as f32).sqrt()
+        } else {
+            1.0
+        }
+    }
+}
+
+fn check_gguf_magic(path: &Path) -> Result<()> {
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open model {}", path.display()))?;
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic)?;
+    ensure!(
+        n == 4 && &magic == b"GGUF",
+        "{} is not a GGUF model file (wrong magic bytes)",
+        path.display()
+    );
+    Ok(())
+}
+
+fn path_to_cstring(path: &Path) -> Result<CString> {
+    CString::new(path.to_string_lossy().as_bytes())
+        .with_context(|| format!("path {} contains a NUL byte", path.display()))
+}
+
+/// Reads and dequantises row `token` of `token_embd.weight` straight from the GGUF file. The row
+/// is returned as stored: multiply by [`GgufInfo::input_scale`] to get what the graph feeds in.
+pub fn token_embedding_row(path: &Path, token: Token) -> Result<Vec<f32>> {
+    let gguf = GgufFile::open(path)?;
+    let info = gguf.info(path)?;
+    let ctx = gguf.raw.as_ptr();
+    let name = CString::new("token_embd.weight").unwrap();
+    // SAFETY: valid context; indices come from gguf itself.
+    let (ty, offset, size) = unsafe {
+        let id = sys::gguf_find_tensor(ctx, name.as_ptr());
+        ensure!(id >= 0, "GGUF {} has no token_embd.weight", path.display());
+        (
+            sys::gguf_get_tensor_type(ctx, id),
+            sys::gguf_get_data_offset(ctx) + sys::gguf_get_tensor_offset(ctx, id),
+            sys::gguf_get_tensor_size(ctx, id),
+        )
+    };
+    // SAFETY: pure function of the type and length.
+    let row_bytes = unsafe { sys::ggml_row_size(ty, info.n_embd as i64) };
+    let n_rows = size / row_bytes;
+    ensure!(
+        token >= 0 && (token as usize) < n_rows,
+        "token {token} is outside the vocabulary (0..{n_rows})"
+    );
+    let mut raw = vec![0u8; row_bytes];
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(
+        (offset + token as usize * row_bytes) as u64,
+    ))?;
+    file.read_exact(&mut raw)
+        .with_context(|| format!("GGUF {} is truncated", path.display()))?;
+    let mut out = vec![0f32; info.n_embd];
+    if ty == sys::GGML_TYPE_F32 {
+        out.iter_mut()
+            .zip(raw.chunks_exact(4))
+            .for_each(|(o, c)| *o = f32::from_le_bytes(c.try_into().unwrap()));
+        return Ok(out);
+    }
+    // SAFETY: traits exist for every ggml type; `to_float` reads exactly one row of n_embd values.
+    unsafe {
+        let traits = sys::ggml_get_type_traits(ty);
+        let to_float = (*traits)
+            .to_float
+            .with_context(|| format!("ggml type {ty} cannot be dequantised"))?;
+        to_float(raw.as_ptr().cast(), out.as_mut_ptr(), info.n_embd as i64);
+    }
+    Ok(out)
+}
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    /// Layers to offload to the GPU (CUDA or Metal builds); 0 keeps everything on the CPU.
+    pub n_gpu_layers: i32,
+    /// Memory-map the weights (the default) instead of reading them into memory.
+    pub use_mmap: bool,
+    /// Lock the weights in RAM so that they are never paged out.
+    pub use_mlock: bool,
+    /// Let llama.cpp print its own log to stderr.
+    pub verbose: bool,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            n_gpu_layers: default_gpu_layers(),
+            use_mmap: true,
+            use_mlock: false,
+            verbose: false,
+        }
+    }
+}
+
+/// All layers on GPU builds, none on CPU builds.
+pub fn default_gpu_layers() -> i32 {
+    if cfg!(any(feature = "cuda", feature = "metal")) {
+        999
+    } else {
+        0
+    }
+}
+
+/// A loaded GGUF model and its vocabulary.
+pub struct Model {
+    raw: NonNull<sys::llama_model>,
+    vocab: NonNull<sys::llama_vocab>,
+    pub info: GgufInfo,
+    pub path: PathBuf,
+    n_vocab: i32,
+}
+
+impl Model {
+    pub fn load(path: &Path, opts: &ModelOptions) -> Result<Self> {
+        let info = GgufInfo::read(path)?;
+        backend(opts.verbose);
+        let c_path = path_to_cstring(path)?;
+        // SAFETY: default params are a valid struct; the path is a valid C string.
+        let raw = unsafe {
+            let mut params = sys::llama_model_default_params();
+            params.n_gpu_layers = opts.n_gpu_layers;
+            params.load_mode = match (opts.use_mmap, opts.use_mlock) {
+                (true, false) => sys::LLAMA_LOAD_MODE_MMAP,
+                (true, true) => sys::LLAMA_LOAD_MODE_MMAP_MLOCK,
+                (false, true) => sys::LLAMA_LOAD_MODE_MLOCK,
+                (false, false) => sys::LLAMA_LOAD_MODE_NONE,
+            };
+            sys::llama_model_load_from_file(c_path.as_ptr(), params)
+        };
+        let raw = NonNull::new(raw).with_context(|| {
+            format!(
+                "llama.cpp could not load {} (architecture '{}'); run with --verbose to see its log",
+                path.display(),
+                info.architecture
+            )
+        })?;
+        // SAFETY: valid model pointer.
+        let (vocab, n_embd, n_vocab) = unsafe {
+            let vocab = sys::llama_model_get_vocab(raw.as_ptr()) as *mut sys::llama_vocab;
+            (
+                vocab,
+                sys::llama_model_n_embd(raw.as_ptr()),
+                sys::llama_vocab_n_tokens(vocab),
+            )
+        };
+        let model = Self {
+            raw,
+            vocab: NonNull::new(vocab).context("model has no vocabulary")?,
+            info,
+            path: path.to_path_buf(),
+            n_vocab,
+        };
+        ensure!(
+            n_embd as usize == model.info.n_embd,
+            "model reports n_embd {n_embd} but its GGUF header says {}",
+            model.info.n_embd
+        );
+        Ok(model)
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.info.n_embd
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab as usize
+    }
+
+    /// Tokenizes text. `add_bos` adds the model's start-of-text token; special-token syntax in
+    /// the text is never parsed, so an item title cannot smuggle in control tokens.
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>> {
+        let len = i32::try_from(text.len()).context("text too long to tokenize")?;
+        let mut tokens = vec![0 as Token; text.len() + 8];
+        for _ in 0..2 {
+            // SAFETY: the buffer holds tokens.len() entries; text is passed with its length.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab.as_ptr(),
+                    text.as_ptr() as *const c_char,
+                    len,
+                    tokens.as_mut_ptr(),
+                    tokens.len() as i32,
+                    add_bos,
+                    false,
+                )
+            };
+            if n >= 0 {
+                tokens.truncate(n as usize);
+                return Ok(tokens);
+            }
+            tokens.resize((-n) as usize, 0);
+        }
+        bail!("tokenizer failed on a text of {} bytes", text.len())
+    }
+
+    /// Text of a token sequence (special tokens are dropped).
+    pub fn detokenize(&self, tokens: &[Token]) -> Result<String> {
+        self.check_tokens(tokens)?;
+        let mut buf = vec![0u8; tokens.len() * 16 + 16];
+        for _ in 0..2 {
+            // SAFETY: tokens are in range; the buffer length is passed.
+            let n = unsafe {
+                sys::llama_detokenize(
+                    self.vocab.as_ptr(),
+                    tokens.as_ptr(),
+                    tokens.len() as i32,
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len() as i32,
+                    true,
+                    false,
+                )
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return Ok(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize((-n) as usize, 0);
+        }
+        bail!("detokenizer failed")
+    }
+
+    fn check_tokens(&self, tokens: &[Token]) -> Result<()> {
+        if let Some(t) = tokens.iter().find(|&&t| t < 0 || t >= self.n_vocab) {
+            bail!(
+                "token id {t} is outside the vocabulary (0..{})",
+                self.n_vocab
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: freed once; contexts hold an Arc of the model, so none is left.
+        unsafe { sys::llama_model_free(self.raw.as_ptr()) }
+    }
+}
+
+/// How to create an inference context.
+#[derive(Clone, Debug)]
+pub struct ContextOptions {
+    /// KV-cache size in positions, shared by the cached prefix and one request.
+    pub n_ctx: u32,
+    /// Largest number of positions decoded in one call.
+    pub n_batch: u32,
+    pub n_threads: i32,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        Self {
+            n_ctx: 2048,
+            n_batch: 512,
+            n_threads: default_threads(),
+        }
+    }
+}
+
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+}
+
+/// One position of the LLM input: a vocabulary token or a vector in the input-embedding space.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    Token(Token),
+    Embedding(&'a [f32]),
+}
+
+/// An inference context with a KV cache. Holds at most one cached prefix (on its own sequence)
+/// that requests starting with the same tokens reuse.
+pub struct Context {
+    raw: NonNull<sys::llama_context>,
+    model: Arc<Model>,
+    n_ctx: usize,
+    n_batch: usize,
+    prefix: Vec<Token>,
+}
+
+impl Context {
+    /// Creates a context on a shared model.
+    pub fn new(model: Arc<Model>, opts: &ContextOptions) -> Result<Self> {
+        ensure!(opts.n_ctx >= 16, "context size {} is too small", opts.n_ctx);
+        ensure!(opts.n_threads >= 1, "--threads must be at least 1");
+        let n_batch = opts.n_batch.clamp(1, opts.n_ctx);
+        // SAFETY: default params are a valid struct; the context holds an Arc of the model, so the
+        // model outlives it.
+        let raw = unsafe {
+            let mut p = sys::llama_context_default_params();
+            p.n_ctx = opts.n_ctx;
+            p.n_batch = n_batch;
+            p.n_ubatch = n_batch;
+            p.n_seq_max = 2;
+            // Only the last position of a request is ever an output: keep the output buffer
+            // (n_vocab floats per row) tiny instead of the default n_batch rows.
+            p.n_outputs_max = 4;
+            p.n_threads = opts.n_threads;
+            p.n_threads_batch = opts.n_threads;
+            p.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
+            // Embeddings are switched on only for the final one-position batch: with them on,
+            // llama.cpp makes every position of a batch an output.
+            p.embeddings = false;
+            p.kv_unified = true;
+            sys::llama_init_from_model(model.raw.as_ptr(), p)
+        };
+        let raw =
+            NonNull::new(raw).context("llama.cpp could not create a context (out of memory?)")?;
+        Ok(Context {
+            raw,
+            model,
+            n_ctx: opts.n_ctx as usize,
+            n_batch: n_batch as usize,
+            prefix: Vec::new(),
+        })
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    fn memory(&self) -> sys::llama_memory_t {
+        // SAFETY: valid context.
+        unsafe { sys::llama_get_memory(self.raw.as_ptr()) }
+    }
+
+    /// Decodes `tokens` once on the prefix sequence, so that later requests that start with
+    /// them skip that work. Replaces any earlier prefix.
+    pub fn set_prefix(&mut self, tokens: &[Token]) -> Result<()> {
+        self.model.check_tokens(tokens)?;
+        ensure!(
+            tokens.len() < self.n_ctx / 2,
+            "prefix of {} tokens does not fit a context of {}",
+            tokens.len(),
+            self.n_ctx
+        );
+        // SAFETY: valid memory handle; removing a whole sequence cannot fail.
+        unsafe { sys::llama_memory_seq_rm(self.memory(), PREFIX_SEQ, -1, -1) };
+        self.prefix.clear();
+        let inputs: Vec<Input> = tokens.iter().map(|&t| Input::Token(t)).collect();
+        self.decode(&inputs, PREFIX_SEQ, 0, false)?;
+        self.prefix = tokens.to_vec();
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &[Token] {
+        &self.prefix
+    }
+
+    /// Runs `inputs` and returns the final hidden state (after the final norm) at the last
+    /// position. The inputs that match the cached prefix are copied from the KV cache when
+    /// `reuse_prefix` is set, and recomputed in a batch of their own otherwise; either way the
+    /// rest is decoded in the same batches, so both paths compute the same thing.
+    pub fn last_hidden(&mut self, inputs: &[Input], reuse_prefix: bool) -> Result<Vec<f32>> {
+        ensure!(!inputs.is_empty(), "empty input");
+        let n_embd = self.model.n_embd();
+        for input in inputs {
+            match input {
+                Input::Token(t) => self.model.check_tokens(&[*t])?,
+                Input::Embedding(v) => {
+                    ensure!(
+                        v.len() == n_embd,
+                        "injected vector has {} values, the model's n_embd is {n_embd}",
+                        v.len()
+                    );
+                    ensure!(
+                        v.iter().all(|x| x.is_finite()),
+                        "injected vector contains NaN or infinity"
+                    );
+                }
+            }
+        }
+        let shared = self.shared_prefix_len(inputs);
+        let needed = self.prefix.len() + inputs.len() - if reuse_prefix { shared } else { 0 };
+        ensure!(
+            needed <= self.n_ctx,
+            "prompt of {} positions does not fit the context ({} positions, {} held by the cached prefix); raise --ctx",
+            inputs.len(),
+            self.n_ctx,
+            self.prefix.len()
+        );
+        let mem = self.memory();
+        // SAFETY: valid memory handle and sequence ids below n_seq_max.
+        unsafe {
+            sys::llama_memory_seq_rm(mem, WORK_SEQ, -1, -1);
+            if reuse_prefix && shared > 0 {
+                sys::llama_memory_seq_cp(mem, PREFIX_SEQ, WORK_SEQ, 0, shared as i32);
+            }
+        }
+        let result = (|| {
+            let last = inputs.len() - 1;
+            if !reuse_prefix {
+                self.decode(&inputs[..shared], WORK_SEQ, 0, false)?;
+            }
+            self.decode(&inputs[shared..last], WORK_SEQ, shared, false)?;
+            self.decode(&inputs[last..], WORK_SEQ, last, true)
+        })();
+        // SAFETY: as above; frees the request's cells whatever happened.
+        unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, -1, -1) };
+        let hidden = result?.context("no hidden state was produced")?;
+        ensure!(
+            hidden.iter().all(|x| x.is_finite()),
+            "the model produced a non-finite hidden state"
+        );
+        Ok(hidden)
+    }
+
+    /// Length of the common start of the cached prefix and the inputs' tokens, leaving at least
+    /// the last input to be decoded.
+    pub fn shared_prefix_len(&self, inputs: &[Input]) -> usize {
+        let n = self
+            .prefix
+            .iter()
+            .zip(inputs)
+            .take_while(|(p, i)| matches!(i, Input::Token(t) if t == *p))
+            .count();
+        n.min(inputs.len() - 1)
+    }
+
+    /// Decodes `inputs` at positions `pos0..` on `seq`, in calls of at most n_batch positions.
+    /// With `output`, `inputs` must be a single position whose hidden state is returned.
+    fn decode(
+        &mut self,
+        inputs: &[Input],
+        seq: i32,
+        pos0: usize,
+        output: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        if inputs.is_empty() {
+            return Ok(None);
+        }
+        debug_assert!(!output || inputs.len() == 1);
+        let n_embd = self.model.n_embd();
+        let ctx = self.raw.as_ptr();
+        for (chunk_index, chunk) in inputs.chunks(self.n_batch).enumerate() {
+            let first_pos = pos0 + chunk_index * self.n_batch;
+            // SAFETY: the batch is created for this context, filled within n_batch entries with
+            // checked tokens and n_embd-long vectors (copied by llama.cpp), and freed below.
+            let status = unsafe {
+                let batch = sys::llama_batch_ext_init(ctx);
+                ensure!(!batch.is_null(), "cannot allocate a batch");
+                let mut fill_error = None;
+                for (k, input) in chunk.iter().enumerate() {
+                    let idx = match input {
+                        Input::Token(t) => sys::llama_batch_ext_add_token(batch, seq, *t),
+                        Input::Embedding(v) => {
+                            let embd = sys::llama_embd {
+                                data: v.as_ptr(),
+                                n_rows: 1,
+                                n_embd,
+                            };
+                            sys::llama_batch_ext_add_embd(batch, seq, embd)
+                        }
+                    };
+                    let pos = (first_pos + k) as sys::llama_pos;
+                    if idx < 0
+                        || !sys::llama_batch_ext_set_pos(batch, idx, &pos)
+                        || !sys::llama_batch_ext_set_output_embd(batch, idx, output)
+                    {
+                        fill_error = Some(idx);
+                        break;
+                    }
+                }
+                let status = match fill_error {
+                    Some(idx) => Err(idx),
+                    None => {
+                        if output {
+                            sys::llama_set_embeddings(ctx, true);
+                        }
+                        let r = sys::llama_process(ctx, sys::LLAMA_PROCESS_TYPE_DECODE, batch);
+                        Ok(r)
+                    }
+                };
+                sys::llama_batch_ext_free(batch);
+                status
+            };
+            match status {
+                Err(code) => bail!("cannot build the llama.cpp batch (code {code})"),
+                Ok(0) => {}
+                Ok(1) => {
+                    self.embeddings_off();
+                    bail!("the KV cache is full; raise --ctx")
+                }
+                Ok(code) => {
+                    self.embeddings_off();
+                    bail!("llama.cpp decode failed with code {code}")
+                }
+            }
+        }
+        if !output {
+            return Ok(None);
+        }
+        // SAFETY: one output was requested in the last decode; the row has n_embd floats.
+        let hidden = unsafe {
+            let ptr = sys::llama_get_embeddings_ith(ctx, -1);
+            (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr, n_embd).to_vec())
+        };
+        self.embeddings_off();
+        Ok(hidden)
+    }
+
+    fn embeddings_off(&mut self) {
+        // SAFETY: valid context.
+        unsafe { sys::llama_set_embeddings(self.raw.as_ptr(), false) }
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: freed once, before the model it borrows.
+        unsafe { sys::llama_free(self.raw.as_ptr()) }
+    }
+}
+
+/// Quantizes a GGUF model with llama.cpp's quantizer (`type_name` as in llama-quantize:
+/// q8_0, q4_k_m, ...). Writes to a temporary file and renames it into place.
+pub fn quantize(input: &Path, output: &Path, type_name: &str, n_threads: i32) -> Result<()> {
+    let ftype = quant_type(type_name)?;
+    GgufInfo::read(input)?;
+    backend(false);
+    let tmp = output.with_file_name(format!(
+        ".{}.tmp-{}",
+        output
+            .file_name()
+            .context("output is not a file path")?
+            .to_string_lossy(),
+        std::process::id()
+    ));
+    let (c_in, c_tmp) = (path_to_cstring(input)?, path_to_cstring(&tmp)?);
+    // SAFETY: default params are valid; paths are valid C strings.
+    let rc = unsafe {
+        let mut params = sys::llama_model_quantize_default_params();
+        params.ftype = ftype;
+        params.nthread = n_threads;
+        sys::llama_model_quantize(c_in.as_ptr(), c_tmp.as_ptr(), &params)
+    };
+    if rc != 0 {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "llama.cpp failed to quantize {} to {type_name} (code {rc})",
+            input.display()
+        );
+    }
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, output)
+        .with_context(|| format!("cannot move the quantized model to {}", output.display()))
+}
+
+/// The quantization types offered by `illmrec quantize`.
+pub const QUANT_TYPES: &[(&str, sys::llama_ftype)] = &[
+    ("f32", sys::LLAMA_FTYPE_ALL_F32),
+    ("f16", sys::LLAMA_FTYPE_MOSTLY_F16),
+    ("bf16", sys::LLAMA_FTYPE_MOSTLY_BF16),
+    ("q8_0", sys::LLAMA_FTYPE_MOSTLY_Q8_0),
+    ("q6_k", sys::LLAMA_FTYPE_MOSTLY_Q6_K),
+    ("q5_k_m", sys::LLAMA_FTYPE_MOSTLY_Q5_K_M),
+    ("q5_0", sys::LLAMA_FTYPE_MOSTLY_Q5_0),
+    ("q4_k_m", sys::LLAMA_FTYPE_MOSTLY_Q4_K_M),
+    ("q4_0", sys::LLAMA_FTYPE_MOSTLY_Q4_0),
+    ("q3_k_m", sys::LLAMA_FTYPE_MOSTLY_Q3_K_M),
+    ("q2_k", sys::LLAMA_FTYPE_MOSTLY_Q2_K),
+];
+
+fn quant_type(name: &str) -> Result<sys::llama_ftype> {
+    let lower = name.to_ascii_lowercase();
+    QUANT_TYPES
+        .iter()
+        .find(|(n, _)| *n == lower)
+        .map(|(_, t)| *t)
+        .with_context(|| {
+            let names: Vec<&str> = QUANT_TYPES.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown quantization type '{name}' (expected one of {})",
+                names.join(", ")
+            )
+        })
+}
+
+/// llama.cpp's description of the compute backends compiled in (CPU features, CUDA, Metal).
+pub fn system_info() -> String {
+    backend(false);
+    // SAFETY: returns a static C string.
+    unsafe {
+        CStr::from_ptr(sys::llama_print_system_info())
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Whether this build can offload layers to a GPU.
+pub fn supports_gpu_offload() -> bool {
+    backend(false);
+    // SAFETY: plain query.
+    unsafe { sys::llama_supports_gpu_offload() }
+}

@@ -1,0 +1,167 @@
+//! Minimal reader for NumPy `.npy` files: little-endian, C order, 1-D or 2-D, the dtypes that
+//! feature matrices and id lists use.
+
+use anyhow::{bail, Context, Result};
+use half::f16;
+use std::path::Path;
+
+/// A 1-D or 2-D array read from a `.npy` file.
+pub struct NpyArray {
+    pub shape: Vec<usize>,
+    pub data: NpyData,
+}
+
+pub enum NpyData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    I64(Vec<i64>),
+}
+
+impl NpyArray {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+            bail!("missing the .npy magic bytes");
+        }
+        let major = bytes[6];
+        let (header_len, start) = match major {
+            1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+            2 | 3 => {
+                if bytes.len() < 12 {
+                    bail!("truncated header");
+                }
+                (
+                    u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+                    12,
+                )
+            }
+            v => bail!("unsupported .npy version {v}"),
+        };
+        let header = bytes
+            .get(start..start + header_len)
+            .context("truncated header")?;
+        let header = std::str::from_utf8(header).context("header is not text")?;
+        let descr = dict_value(header, "descr").context("header has no 'descr'")?;
+        let quote = descr
+            .chars()
+            .next()
+            .filter(|c| *c == '\'' || *c == '"')
+            .context("'descr' is not a string")?;
+        let descr = descr[1..].split(quote).next().unwrap_or("");
+        if dict_value(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
+            bail!("Fortran-ordered arrays are not supported; save with np.ascontiguousarray");
+        }
+        let shape_text = dict_value(header, "shape").context("header has no 'shape'")?;
+        let shape_text = shape_text
+            .trim_start_matches('(')
+            .split(')')
+            .next()
+            .unwrap_or("");
+        let shape: Vec<usize> = shape_text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().with_context(|| format!("bad shape entry '{s}'")))
+            .collect::<Result<_>>()?;
+        if shape.is_empty() || shape.len() > 2 {
+            bail!("expected a 1-D or 2-D array, found shape {shape:?}");
+        }
+        let count: usize = shape.iter().product();
+        let payload = &bytes[start + header_len..];
+        let need = |width: usize| -> Result<&[u8]> {
+            payload.get(..count * width).with_context(|| {
+                format!(
+                    "payload is truncated: {} bytes for {count} values of {width} bytes",
+                    payload.len()
+                )
+            })
+        };
+        let data = match descr {
+            "<f4" => NpyData::F32(
+                need(4)?
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            "<f2" => NpyData::F16(
+                need(2)?
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            "<i8" => NpyData::I64(
+                need(8)?
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            "<u8" => NpyData::I64(
+                need(8)?
+                    .chunks_exact(8)
+                    .map(|c| {
+                        i64::try_from(u64::from_le_bytes(c.try_into().unwrap()))
+                            .context("id does not fit in i64")
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            "<i4" => NpyData::I64(
+                need(4)?
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
+            other => bail!("unsupported dtype '{other}' (expected <f4, <f2, <i8, <u8 or <i4)"),
+        };
+        Ok(Self { shape, data })
+    }
+}
+
+/// Value text following `'key':` in the header's Python dict literal.
+fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let at = header.find(&format!("'{key}'"))?;
+    let rest = &header[at + key.len() + 2..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    Some(rest)
+}
+
+/// Writes a 2-D little-endian f32 `.npy` (used by tests and tools).
+pub fn encode_f32(rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
+    encode(
+        "<f4",
+        &format!("({rows}, {cols})"),
+        &values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Writes a 1-D little-endian i64 `.npy`.
+pub fn encode_i64(values: &[i64]) -> Vec<u8> {
+    encode(
+        "<i8",
+        &format!("({},)", values.len()),
+        &values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn encode(descr: &str, shape: &str, payload: &[u8]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}

@@ -1,0 +1,367 @@
+//! The recommender: a bundle's model, heads, banks and catalog put together.
+//!
+//! A request goes: history ids → prompt segments (titles, adaptor-projected image features, the
+//! `[REC]` vector) → tokens and injected vectors → the LLM's final hidden state at `[REC]` →
+//! one user vector per modality (`f_u_m`) → dot products with the cached item vectors.
+
+use crate::bank::{Bank, Modality};
+use crate::bundle::Bundle;
+use crate::catalog::{Catalog, Item};
+use crate::heads::Heads;
+use crate::item_vectors::ItemVectors;
+use crate::llm::{Context, ContextOptions, GgufInfo, Input, Model, ModelOptions, Token};
+use crate::prompt::{self, ItemBody, PromptItem, PromptStyle, Segment};
+use anyhow::{bail, ensure, Context as _, Result};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What to write for a history item that has no image feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingImage {
+    /// The item's description (or its genres), truncated, in place of the visual token.
+    Text,
+    /// Only the title.
+    Title,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Model file; `None` uses the bundle's model or the default one.
+    pub model: Option<PathBuf>,
+    pub model_options: ModelOptions,
+    pub context: ContextOptions,
+    /// Most recent history items written into the prompt.
+    pub max_history: usize,
+    pub missing_image: MissingImage,
+    /// Longest description written into a prompt, in tokens.
+    pub description_tokens: usize,
+    /// Where the item-vector cache goes (default: `<bundle>/cache`).
+    pub cache_dir: Option<PathBuf>,
+    /// Reuse the task text's KV cache across requests (on by default; off only to compare).
+    pub reuse_prefix: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            model: None,
+            model_options: ModelOptions::default(),
+            context: ContextOptions::default(),
+            max_history: 10,
+            missing_image: MissingImage::Text,
+            description_tokens: 64,
+            cache_dir: None,
+            reuse_prefix: true,
+        }
+    }
+}
+
+/// A user's representation: one vector per scoring modality, plus what went into the prompt.
+#[derive(Clone, Debug)]
+pub struct UserVector {
+    /// `f_u_m(h)` per modality, in [`Recommender::modalities`] order.
+    pub vectors: Vec<Vec<f32>>,
+    /// The LLM's final hidden state at `[REC]`.
+    pub hidden: Vec<f32>,
+    /// History items that made it into the prompt (oldest first).
+    pub used: Vec<u64>,
+    /// Older history items dropped because the prompt would not fit the context.
+    pub dropped_for_context: usize,
+    /// Positions in the prompt (tokens plus injected vectors).
+    pub prompt_positions: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Scored {
+    pub id: u64,
+    pub score: f32,
+}
+
+pub struct Recommender {
+    pub bundle: Bundle,
+    pub catalog: Catalog,
+    pub heads: Heads,
+    pub banks: BTreeMap<Modality, Bank>,
+    pub items: ItemVectors,
+    ctx: Context,
+    opts: Options,
+}
+
+impl Recommender {
+    /// Opens a bundle: loads the model (memory-mapped), heads, banks and catalog, checks that
+    /// every shape agrees, builds or opens the item-vector cache, and prefills the task text.
+    pub fn open(bundle_dir: &Path, opts: Options) -> Result<Self> {
+        ensure!(opts.max_history >= 1, "--max-history must be at least 1");
+        let bundle = Bundle::open(bundle_dir)?;
+        let model_path = bundle.model_path(opts.model.as_deref())?;
+        let info = GgufInfo::read(&model_path)?;
+        bundle.check_model(&model_path, &info)?;
+        let heads = Heads::load(
+            &bundle.file(&bundle.manifest.heads),
+            &bundle.file(&bundle.manifest.heads_config),
+        )?;
+        let catalog = Catalog::load(&bundle.file(&bundle.manifest.items))?;
+        let banks: BTreeMap<Modality, Bank> = bundle
+            .bank_paths()?
+            .into_iter()
+            .map(|(m, p)| Ok((m, Bank::open(&p)?)))
+            .collect::<Result<_>>()?;
+        check_dims(&heads, info.n_embd, &banks)?;
+        let cache_dir = opts
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| bundle.dir.join("cache"));
+        let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &catalog)?;
+        let model = Arc::new(Model::load(&model_path, &opts.model_options)?);
+        let mut ctx = Context::new(model, &opts.context)?;
+        if opts.reuse_prefix {
+            // The task text starts every prompt. Its last token may merge with the first item's
+            // text ("[" + "{"), so the cached prefix stops one token short.
+            let mut prefix = ctx.model().tokenize(&prompt::template().task, true)?;
+            prefix.pop();
+            ctx.set_prefix(&prefix)?;
+        }
+        Ok(Self {
+            bundle,
+            catalog,
+            heads,
+            banks,
+            items,
+            ctx,
+            opts,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        self.ctx.model()
+    }
+
+    /// The LLM context (for tests and benchmarks that drive it directly).
+    pub fn context(&mut self) -> &mut Context {
+        &mut self.ctx
+    }
+
+    pub fn modalities(&self) -> &[Modality] {
+        self.items.modalities()
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// The prompt items for a history (oldest first).
+    fn prompt_items(&self, history: &[u64]) -> Result<Vec<PromptItem>> {
+        history
+            .iter()
+            .map(|&id| self.prompt_item(self.catalog.item(id)?))
+            .collect()
+    }
+
+    fn prompt_item(&self, item: &Item) -> Result<PromptItem> {
+        let body = match self.heads.config.prompt {
+            PromptStyle::Title => ItemBody::TitleOnly,
+            PromptStyle::Description => {
+                ItemBody::Description(self.description(item)?.unwrap_or_default())
+            }
+            PromptStyle::Image => match (
+                self.banks.get(&Modality::Img).and_then(|b| b.get(item.id)),
+                &self.heads.adaptor,
+            ) {
+                (Some(row), Some(adaptor)) => ItemBody::Visual(adaptor.forward(&row.to_f32())),
+                _ => match self.opts.missing_image {
+                    MissingImage::Title => ItemBody::TitleOnly,
+                    MissingImage::Text => self
+                        .description(item)?
+                        .map_or(ItemBody::TitleOnly, ItemBody::Description),
+                },
+            },
+        };
+        Ok(PromptItem {
+            title: item.title().to_string(),
+            body,
+        })
+    }
+
+    /// The item's description (else its genres), cut to `description_tokens` tokens.
+    fn description(&self, item: &Item) -> Result<Option<String>> {
+        let text = match (&item.description, item.genres.is_empty()) {
+            (Some(d), _) if !d.trim().is_empty() => d.trim().to_string(),
+            (_, false) => format!("Genres: {}", item.genres.join(", ")),
+            _ => return Ok(None),
+        };
+        let tokens = self.model().tokenize(&text, false)?;
+        if tokens.len() <= self.opts.description_tokens {
+            return Ok(Some(text));
+        }
+        Ok(Some(
+            self.model()
+                .detokenize(&tokens[..self.opts.description_tokens])?,
+        ))
+    }
+
+    /// The prompt for a history, as segments, after `--max-history` and context truncation;
+    /// also returns how many items the context forced out.
+    pub fn prompt(&self, history: &[u64]) -> Result<(Vec<Segment>, Vec<u64>, usize)> {
+        ensure!(
+            !history.is_empty(),
+            "the history is empty: give at least one item id"
+        );
+        let recent = &history[history.len().saturating_sub(self.opts.max_history)..];
+        let items = self.prompt_items(recent)?;
+        let budget = self.ctx.n_ctx() - self.ctx.prefix().len();
+        for start in 0..items.len() {
+            let segments = prompt::build(&items[start..], &self.heads.rec_token);
+            if self.positions(&segments)? <= budget {
+                return Ok((segments, recent[start..].to_vec(), start));
+            }
+        }
+        bail!("the prompt for even one history item does not fit a context of {} positions; raise --ctx", self.ctx.n_ctx())
+    }
+
+    fn positions(&self, segments: &[Segment]) -> Result<usize> {
+        Ok(tokenize(self.model(), segments)?
+            .iter()
+            .map(|p| p.len())
+            .sum())
+    }
+
+    /// Runs the LLM on a history and projects the `[REC]` hidden state through the user heads.
+    pub fn encode_user(&mut self, history: &[u64]) -> Result<UserVector> {
+        let (segments, used, dropped) = self.prompt(history)?;
+        let pieces = tokenize(self.model(), &segments)?;
+        let inputs: Vec<Input> = pieces.iter().flat_map(|p| p.inputs()).collect();
+        let hidden = self.ctx.last_hidden(&inputs, self.opts.reuse_prefix)?;
+        let vectors = self
+            .modalities()
+            .iter()
+            .map(|m| self.heads.user[m].forward(&hidden))
+            .collect();
+        Ok(UserVector {
+            vectors,
+            hidden,
+            used,
+            dropped_for_context: dropped,
+            prompt_positions: inputs.len(),
+        })
+    }
+
+    /// Scores of the given items (`None` for an item with no feature in any scored modality).
+    pub fn score_items(&self, user: &UserVector, ids: &[u64]) -> Result<Vec<Option<f32>>> {
+        ids.iter()
+            .map(|&id| {
+                let i = self
+                    .catalog
+                    .position(id)
+                    .with_context(|| format!("item {id} is not in the catalog"))?;
+                Ok(self.items.score(&user.vectors, i))
+            })
+            .collect()
+    }
+
+    /// The `k` best items, from `candidates` or the whole catalog, skipping `exclude`. Ties keep
+    /// the lower id first, so output is deterministic.
+    pub fn top_k(
+        &self,
+        user: &UserVector,
+        k: usize,
+        candidates: Option<&[u64]>,
+        exclude: &HashSet<u64>,
+    ) -> Result<Vec<Scored>> {
+        let mut scored: Vec<Scored> = match candidates {
+            Some(ids) => ids
+                .iter()
+                .filter(|id| !exclude.contains(id))
+                .zip(self.score_items(user, ids)?)
+                .filter_map(|(&id, s)| s.map(|score| Scored { id, score }))
+                .collect(),
+            None => (0..self.items.len())
+                .filter(|&i| !exclude.contains(&self.items.ids()[i]))
+                .filter_map(|i| {
+                    self.items.score(&user.vectors, i).map(|score| Scored {
+                        id: self.items.ids()[i],
+                        score,
+                    })
+                })
+                .collect(),
+        };
+        scored.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        scored.dedup_by_key(|s| s.id);
+        scored.truncate(k);
+        Ok(scored)
+    }
+}
+
+/// Checks the heads' dimensions against the model and the banks, naming the tensor that differs.
+fn check_dims(heads: &Heads, n_embd: usize, banks: &BTreeMap<Modality, Bank>) -> Result<()> {
+    let cfg = &heads.config;
+    ensure!(
+        cfg.llm_dim == n_embd,
+        "heads tensor 'rec_token' has shape [1, {}] but the model needs [1, {n_embd}] (its n_embd): these heads were trained for another LLM",
+        cfg.llm_dim
+    );
+    for m in heads.modalities() {
+        let bank = banks.get(&m).with_context(|| {
+            format!("the heads score the {m} modality, but the bundle has no {m} bank")
+        })?;
+        let dim = cfg.item_dim(m).unwrap();
+        ensure!(
+            dim == bank.dim(),
+            "heads tensor 'f_i_{m}.mlp.0.weight' has shape [{}, {dim}] but the {m} bank's features are {}-d (expected [{}, {}])",
+            cfg.hidden_dim,
+            bank.dim(),
+            cfg.hidden_dim,
+            bank.dim()
+        );
+    }
+    if let (Some(adaptor), PromptStyle::Image) = (&heads.adaptor, cfg.prompt) {
+        let bank = banks
+            .get(&Modality::Img)
+            .context("the heads write images into the prompt, but the bundle has no img bank")?;
+        ensure!(
+            adaptor.proj.n_in == bank.dim(),
+            "heads tensor 'adaptor.proj_v2c.weight' has shape [{}, {}] but the img bank's features are {}-d (expected [{}, {}])",
+            adaptor.proj.n_out,
+            adaptor.proj.n_in,
+            bank.dim(),
+            adaptor.proj.n_out,
+            bank.dim()
+        );
+    }
+    Ok(())
+}
+
+/// A prompt segment made ready for the LLM.
+pub enum Piece<'a> {
+    Tokens(Vec<Token>),
+    Vector(&'a [f32]),
+}
+
+impl Piece<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Tokens(t) => t.len(),
+            Piece::Vector(_) => 1,
+        }
+    }
+
+    fn inputs(&self) -> Vec<Input<'_>> {
+        match self {
+            Piece::Tokens(t) => t.iter().map(|&t| Input::Token(t)).collect(),
+            Piece::Vector(v) => vec![Input::Embedding(v)],
+        }
+    }
+}
+
+/// Tokenizes each text segment on its own (the first with BOS), as the reference tokenizer
+/// splits the text around its `<i_vis>` placeholders.
+pub fn tokenize<'a>(model: &Model, segments: &'a [Segment]) -> Result<Vec<Piece<'a>>> {
+    segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            Segment::Text(t) => Ok(Piece::Tokens(model.tokenize(t, i == 0)?)),
+            Segment::Vector(v) => Ok(Piece::Vector(v)),
+        })
+        .collect()
+}
