@@ -8,12 +8,14 @@
 //! - [`catalog`], [`bundle`]: items and the deployment folder;
 //! - [`prompt`]: the reference prompt;
 //! - [`item_vectors`]: the cached catalog side of scoring;
+//! - [`eval`]: the evaluation protocol (HR@k, NDCG@k, reference rankers);
 //! - [`recommender`]: everything together;
 //! - [`npy`], [`fsutil`]: file helpers.
 
 pub mod bank;
 pub mod bundle;
 pub mod catalog;
+pub mod eval;
 pub mod fsutil;
 pub mod heads;
 pub mod item_vectors;

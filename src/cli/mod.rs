@@ -2,6 +2,8 @@
 
 mod bank_cmd;
 mod bundle_cmd;
+mod eval_cmd;
+mod prompt_cmd;
 mod recommend;
 mod score;
 
@@ -29,6 +31,10 @@ enum Command {
     Recommend(recommend::RecommendArgs),
     /// Score many users from a JSON-lines file.
     Score(score::ScoreArgs),
+    /// Show the exact prompt (text, tokens, injected positions) for a history.
+    Prompt(prompt_cmd::PromptArgs),
+    /// Evaluate a bundle (or a reference ranker) on a prepared dataset: HR@k, NDCG@k, MRR.
+    Eval(eval_cmd::EvalArgs),
     /// Build or inspect feature banks.
     #[command(subcommand)]
     Bank(bank_cmd::BankCommand),
@@ -47,6 +53,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Recommend(a) => recommend::run(a),
         Command::Score(a) => score::run(a),
+        Command::Prompt(a) => prompt_cmd::run(a),
+        Command::Eval(a) => eval_cmd::run(a),
         Command::Bank(c) => bank_cmd::run(c),
         Command::Bundle(c) => bundle_cmd::run(c),
         Command::InitHeads(a) => init_heads(a),
@@ -58,9 +66,6 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Options shared by every command that runs the model.
 #[derive(Args, Clone, Debug)]
 pub struct RuntimeArgs {
-    /// The bundle folder (manifest.json, heads, items, banks).
-    #[arg(long, value_name = "DIR")]
-    pub bundle: PathBuf,
     /// GGUF model to use instead of the bundle's (or the default) model.
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,

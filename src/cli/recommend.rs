@@ -8,6 +8,9 @@ use std::collections::HashSet;
 
 #[derive(Args)]
 pub struct RecommendArgs {
+    /// The bundle folder (manifest.json, heads, items, banks).
+    #[arg(long, value_name = "DIR")]
+    bundle: std::path::PathBuf,
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// The user's history, oldest first: comma-separated item ids.
@@ -39,7 +42,7 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         .map(|c| parse_ids(c, "--candidates"))
         .transpose()?;
     ensure!(a.top_k >= 1, "--top-k must be at least 1");
-    let mut rec = Recommender::open(&a.runtime.bundle, a.runtime.options())?;
+    let mut rec = Recommender::open(&a.bundle, a.runtime.options())?;
     for id in history.iter().chain(candidates.iter().flatten()) {
         rec.catalog.item(*id)?;
     }

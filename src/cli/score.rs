@@ -16,6 +16,9 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ScoreArgs {
+    /// The bundle folder (manifest.json, heads, items, banks).
+    #[arg(long, value_name = "DIR")]
+    bundle: std::path::PathBuf,
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// JSON-lines input, one user per line.
@@ -53,7 +56,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(n, l)| (n + 1, l))
         .collect();
-    let mut rec = Recommender::open(&a.runtime.bundle, a.runtime.options())?;
+    let mut rec = Recommender::open(&a.bundle, a.runtime.options())?;
     if !rec.heads.config.trained {
         eprintln!("{}", untrained_warning(&rec.heads.config.provenance));
     }

@@ -1,0 +1,1 @@
+"""Data preparation for illmrec: datasets (prepare) and item features (features)."""
