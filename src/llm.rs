@@ -395,6 +395,8 @@ impl Drop for Model {
 pub struct ContextOptions {
     /// KV-cache size in positions, shared by the cached prefix and one request.
     pub n_ctx: u32,
+    /// Store the KV cache in f32 instead of llama.cpp's default f16 (for parity checks).
+    pub kv_f32: bool,
     /// Largest number of positions decoded in one call.
     pub n_batch: u32,
     pub n_threads: i32,
@@ -404,6 +406,7 @@ impl Default for ContextOptions {
     fn default() -> Self {
         Self {
             n_ctx: 2048,
+            kv_f32: false,
             n_batch: 512,
             n_threads: default_threads(),
         }
@@ -455,6 +458,10 @@ impl Context {
             // llama.cpp makes every position of a batch an output.
             p.embeddings = false;
             p.kv_unified = true;
+            if opts.kv_f32 {
+                p.type_k = sys::GGML_TYPE_F32;
+                p.type_v = sys::GGML_TYPE_F32;
+            }
             sys::llama_init_from_model(model.raw.as_ptr(), p)
         };
         let raw =
@@ -689,6 +696,9 @@ pub fn quantize(input: &Path, output: &Path, type_name: &str, n_threads: i32) ->
         let mut params = sys::llama_model_quantize_default_params();
         params.ftype = ftype;
         params.nthread = n_threads;
+        // Allows going from one quantized type to another (or back to f32/f16): the result
+        // carries the input's quantization error, which is the point when measuring it.
+        params.allow_requantize = true;
         sys::llama_model_quantize(c_in.as_ptr(), c_tmp.as_ptr(), &params)
     };
     if rc != 0 {

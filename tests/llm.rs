@@ -26,8 +26,8 @@ fn context(model: &Arc<Model>) -> Context {
         model.clone(),
         &ContextOptions {
             n_ctx: 512,
-            n_batch: 512,
             n_threads: 2,
+            ..Default::default()
         },
     )
     .unwrap()

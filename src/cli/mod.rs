@@ -84,6 +84,9 @@ pub struct RuntimeArgs {
     /// Context size in positions.
     #[arg(long = "ctx", default_value_t = 2048)]
     pub n_ctx: u32,
+    /// Keep the KV cache in f32 instead of f16 (slower; for parity checks against PyTorch).
+    #[arg(long)]
+    pub kv_f32: bool,
     /// Most recent history items written into the prompt.
     #[arg(long, default_value_t = 10)]
     pub max_history: usize,
@@ -116,6 +119,7 @@ impl RuntimeArgs {
             },
             context: ContextOptions {
                 n_ctx: self.n_ctx,
+                kv_f32: self.kv_f32,
                 n_batch: 512,
                 n_threads: self.threads.unwrap_or_else(llm::default_threads),
             },

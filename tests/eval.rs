@@ -1,0 +1,155 @@
+//! `illmrec eval` end to end on a small dataset over the test bundle: a resumed run equals an
+//! uninterrupted one, and items without an image work in histories and as candidates.
+
+mod common;
+
+use common::{illmrec, illmrec_ok};
+use illmrec::recommender::{Options, Recommender};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// (work dir, bundle, dataset, item ids)
+fn setup() -> &'static (PathBuf, PathBuf, PathBuf, Vec<u64>) {
+    static S: OnceLock<(PathBuf, PathBuf, PathBuf, Vec<u64>)> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("eval-test");
+        let _ = std::fs::remove_dir_all(&dir);
+        let ids = common::build_bundle(&dir, 40);
+        let dataset = dir.join("dataset");
+        std::fs::create_dir_all(&dataset).unwrap();
+        let mut cases = String::new();
+        let mut train = String::new();
+        for u in 0..6usize {
+            // Histories mix items with and without image features (every third has none).
+            let history: Vec<u64> = (0..3 + u % 3).map(|k| ids[(u * 5 + k) % 40]).collect();
+            let target = ids[(u * 7 + 2) % 40];
+            let negatives: Vec<u64> = (0..12).map(|k| ids[(u * 3 + 11 + k * 2) % 40]).filter(|n| *n != target && !history.contains(n)).collect();
+            cases += &serde_json::json!({"user": u, "history": history, "target": target, "negatives": negatives}).to_string();
+            cases.push('\n');
+            train += &serde_json::json!({"user": u, "items": history}).to_string();
+            train.push('\n');
+        }
+        std::fs::write(dataset.join("test.jsonl"), &cases).unwrap();
+        std::fs::write(dataset.join("train.jsonl"), &train).unwrap();
+        (dir.clone(), dir.join("bundle"), dataset, ids)
+    })
+}
+
+fn metrics(summary: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(summary).unwrap();
+    for volatile in ["users_per_second", "users_this_run"] {
+        v.as_object_mut().unwrap().remove(volatile);
+    }
+    v
+}
+
+#[test]
+fn resumed_eval_equals_an_uninterrupted_one() {
+    let (dir, bundle, dataset, _) = setup();
+    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let full_out = s(&dir.join("full"));
+    let base = [
+        "eval",
+        "--bundle",
+        &s(bundle),
+        "--dataset",
+        &s(dataset),
+        "--split",
+        "test",
+        "--threads",
+        "2",
+    ];
+    let full = illmrec_ok(&[&base[..], &["--out", &full_out]].concat());
+    let part_out = s(&dir.join("part"));
+    illmrec_ok(&[&base[..], &["--out", &part_out, "--limit", "3"]].concat());
+    // Simulate a kill in the middle of writing the fourth user's line.
+    let ranks = dir.join("part/ranks.jsonl");
+    let mut bytes = std::fs::read(&ranks).unwrap();
+    bytes.extend_from_slice(b"{\"user\":\"3\",\"ta");
+    std::fs::write(&ranks, bytes).unwrap();
+    let out = illmrec(&[&base[..], &["--out", &part_out, "--resume"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 users done, 3 to go"));
+    let resumed = String::from_utf8(out.stdout).unwrap();
+    let (a, b) = (metrics(&full), metrics(&resumed));
+    assert_eq!(a["n_users"], 6);
+    assert_eq!(a, b, "same metrics after an interruption and --resume");
+    assert_eq!(
+        std::fs::read_to_string(&ranks).unwrap(),
+        std::fs::read_to_string(dir.join("full/ranks.jsonl")).unwrap()
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("part/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["n_users"], 6);
+}
+
+#[test]
+fn reference_rankers_run_without_a_bundle() {
+    let (dir, _, dataset, _) = setup();
+    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+    for ranker in ["popularity", "random"] {
+        let out = illmrec_ok(&[
+            "eval",
+            "--dataset",
+            &s(dataset),
+            "--ranker",
+            ranker,
+            "--out",
+            &s(&dir.join(ranker)),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["n_users"], 6);
+        assert_eq!(v["ranker"], ranker);
+    }
+    let out = illmrec(&["eval", "--dataset", &s(dataset)]);
+    common::assert_clean_error(&out, "--ranker llm needs --bundle");
+    let out = illmrec(&["eval", "--dataset", "/nonexistent", "--ranker", "random"]);
+    common::assert_clean_error(&out, "cannot read /nonexistent/test.jsonl");
+}
+
+#[test]
+fn items_without_image_are_scored_on_the_modalities_they_have() {
+    let (_, bundle, _, ids) = setup();
+    let mut rec = Recommender::open(
+        bundle,
+        Options {
+            context: illmrec::llm::ContextOptions {
+                n_threads: 2,
+                ..Default::default()
+            },
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let no_image = ids[2];
+    assert!(rec.banks[&illmrec::bank::Modality::Img]
+        .get(no_image)
+        .is_none());
+    // In a history: the prompt has two visual tokens for three items.
+    let user = rec.encode_user(&[ids[0], no_image, ids[1]]).unwrap();
+    assert_eq!(user.used.len(), 3);
+    // As a candidate: the mean over the modalities it has, i.e. its text score alone.
+    let text_slot = rec
+        .modalities()
+        .iter()
+        .position(|m| *m == illmrec::bank::Modality::Text)
+        .unwrap();
+    let i = rec.catalog.position(no_image).unwrap();
+    let want = illmrec::heads::dot(&user.vectors[text_slot], rec.items.vector(i, text_slot));
+    assert_eq!(
+        rec.score_items(&user, &[no_image]).unwrap(),
+        vec![Some(want)]
+    );
+    // An item with both: the mean of two dot products.
+    let j = rec.catalog.position(ids[0]).unwrap();
+    let both: f32 = (0..2)
+        .map(|m| illmrec::heads::dot(&user.vectors[m], rec.items.vector(j, m)))
+        .sum::<f32>()
+        / 2.0;
+    assert!((rec.score_items(&user, &[ids[0]]).unwrap()[0].unwrap() - both).abs() < 1e-6);
+}
