@@ -40,6 +40,9 @@ pub struct Options {
     pub cache_dir: Option<PathBuf>,
     /// Reuse the task text's KV cache across requests (on by default; off only to compare).
     pub reuse_prefix: bool,
+    /// Write items in this style instead of the checkpoint's (benchmarks only: scores are then
+    /// meaningless, since the heads were trained on the other style).
+    pub prompt_style: Option<PromptStyle>,
 }
 
 impl Default for Options {
@@ -53,6 +56,7 @@ impl Default for Options {
             description_tokens: 64,
             cache_dir: None,
             reuse_prefix: true,
+            prompt_style: None,
         }
     }
 }
@@ -150,6 +154,25 @@ impl Recommender {
         &self.opts
     }
 
+    /// Changes the options that act per request (benchmarks compare them on one loaded model).
+    pub fn set_request_options(
+        &mut self,
+        reuse_prefix: bool,
+        prompt_style: Option<PromptStyle>,
+    ) -> Result<()> {
+        ensure!(
+            !reuse_prefix || !self.ctx.prefix().is_empty(),
+            "this recommender was opened without the prefix cache"
+        );
+        ensure!(
+            prompt_style != Some(PromptStyle::Image) || self.heads.adaptor.is_some(),
+            "these heads have no adaptor, so items cannot be written as images"
+        );
+        self.opts.reuse_prefix = reuse_prefix;
+        self.opts.prompt_style = prompt_style;
+        Ok(())
+    }
+
     /// The prompt items for a history (oldest first).
     fn prompt_items(&self, history: &[u64]) -> Result<Vec<PromptItem>> {
         history
@@ -159,7 +182,7 @@ impl Recommender {
     }
 
     fn prompt_item(&self, item: &Item) -> Result<PromptItem> {
-        let body = match self.heads.config.prompt {
+        let body = match self.opts.prompt_style.unwrap_or(self.heads.config.prompt) {
             PromptStyle::Title => ItemBody::TitleOnly,
             PromptStyle::Description => {
                 ItemBody::Description(self.description(item)?.unwrap_or_default())

@@ -1,6 +1,7 @@
 //! Argument definitions and dispatch. Each subcommand lives in its own file.
 
 mod bank_cmd;
+mod bench;
 mod bundle_cmd;
 mod eval_cmd;
 mod prompt_cmd;
@@ -43,6 +44,8 @@ enum Command {
     Bundle(bundle_cmd::BundleCommand),
     /// Write seeded random heads for a config (demos and tests before training).
     InitHeads(InitHeadsArgs),
+    /// Measure load time, per-user latency, prompt size and memory on a dataset's histories.
+    Bench(bench::BenchArgs),
     /// Quantize a GGUF model with llama.cpp.
     Quantize(QuantizeArgs),
     /// Show the build's compute backends and a model's metadata.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bank(c) => bank_cmd::run(c),
         Command::Bundle(c) => bundle_cmd::run(c),
         Command::InitHeads(a) => init_heads(a),
+        Command::Bench(a) => bench::run(a),
         Command::Quantize(a) => quantize(a),
         Command::Info(a) => info(a),
     }
@@ -128,6 +132,7 @@ impl RuntimeArgs {
             description_tokens: self.description_tokens,
             cache_dir: self.cache_dir.clone(),
             reuse_prefix: !self.no_prefix_cache,
+            prompt_style: None,
         }
     }
 }

@@ -1,0 +1,184 @@
+//! `illmrec bench`: what a deployment costs, measured in one run on one loaded model: load time,
+//! per-user latency and prompt positions for each way of writing items (image token, title only,
+//! description), the saving of the prefix KV cache, and memory.
+
+use super::RuntimeArgs;
+use anyhow::{ensure, Result};
+use clap::Args;
+use illmrec::eval::load_split;
+use illmrec::prompt::PromptStyle;
+use illmrec::recommender::Recommender;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The bundle to benchmark.
+    #[arg(long, value_name = "DIR")]
+    bundle: PathBuf,
+    /// A prepared dataset whose test histories are used as requests.
+    #[arg(long, value_name = "DIR")]
+    dataset: PathBuf,
+    /// Number of users (requests) per configuration.
+    #[arg(long, default_value_t = 20)]
+    users: usize,
+    /// Untimed requests before measuring (graph allocation, page cache).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    config: String,
+    users: usize,
+    mean_positions: f64,
+    positions_per_item: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    mean_ms: f64,
+    users_per_second: f64,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    ensure!(a.users >= 1, "--users must be at least 1");
+    let cases = load_split(&a.dataset, "test")?;
+    let t0 = Instant::now();
+    let mut rec = Recommender::open(&a.bundle, a.runtime.options())?;
+    let open_s = t0.elapsed().as_secs_f64();
+    let cache_built = rec.items.computed;
+    let rss_after_open = memory_kib("VmRSS");
+    let known: Vec<_> = cases
+        .iter()
+        .filter(|c| c.history.iter().all(|id| rec.catalog.get(*id).is_some()))
+        .take(a.users + a.warmup)
+        .collect();
+    ensure!(
+        known.len() > a.warmup,
+        "the dataset's histories are not in this bundle's catalog"
+    );
+
+    let mut configs = vec![
+        ("image token, prefix cache", true, Some(PromptStyle::Image)),
+        (
+            "image token, no prefix cache",
+            false,
+            Some(PromptStyle::Image),
+        ),
+    ];
+    if rec.heads.adaptor.is_none() {
+        configs.clear();
+    }
+    configs.push(("title only, prefix cache", true, Some(PromptStyle::Title)));
+    configs.push((
+        "description, prefix cache",
+        true,
+        Some(PromptStyle::Description),
+    ));
+    let mut rows = Vec::new();
+    for (name, reuse, style) in configs {
+        rec.set_request_options(reuse && a.runtime.options().reuse_prefix, style)?;
+        let mut times = Vec::new();
+        let mut positions = 0usize;
+        let mut items = 0usize;
+        for (k, case) in known.iter().enumerate() {
+            let t = Instant::now();
+            let user = rec.encode_user(&case.history)?;
+            let exclude: HashSet<u64> = case.history.iter().copied().collect();
+            std::hint::black_box(rec.top_k(&user, 10, None, &exclude)?);
+            if k >= a.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                positions += user.prompt_positions;
+                items += user.used.len();
+            }
+        }
+        let n = times.len();
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mean = times.iter().sum::<f64>() / n as f64;
+        // Positions that do not depend on the items: BOS, task text, closing text and [REC].
+        let fixed = rec
+            .model()
+            .tokenize(
+                &format!(
+                    "{}{}{}{}",
+                    illmrec::prompt::template().task,
+                    illmrec::prompt::template().list_close,
+                    illmrec::prompt::template().closing,
+                    illmrec::prompt::template().instruction
+                ),
+                true,
+            )?
+            .len()
+            + 1;
+        rows.push(Row {
+            config: name.to_string(),
+            users: n,
+            mean_positions: positions as f64 / n as f64,
+            positions_per_item: (positions as f64 - (fixed * n) as f64) / items as f64,
+            p50_ms: sorted[n / 2],
+            p90_ms: sorted[(n * 9 / 10).min(n - 1)],
+            mean_ms: mean,
+            users_per_second: 1e3 / mean,
+        });
+    }
+    let report = serde_json::json!({
+        "bundle": a.bundle.display().to_string(),
+        "model": rec.model().path.display().to_string(),
+        "threads": a.runtime.options().context.n_threads,
+        "open_seconds": open_s,
+        "item_vectors_built": cache_built,
+        "catalog_items": rec.catalog.len(),
+        "rss_after_open_mib": rss_after_open / 1024.0,
+        "peak_rss_mib": memory_kib("VmHWM") / 1024.0,
+        "rows": rows,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "open {:.2} s (item vectors {}), {} catalog items, RSS after open {:.0} MiB, peak {:.0} MiB, {} threads",
+        open_s,
+        if cache_built { "computed" } else { "from cache" },
+        rec.catalog.len(),
+        rss_after_open / 1024.0,
+        memory_kib("VmHWM") / 1024.0,
+        a.runtime.options().context.n_threads
+    );
+    println!("\n| configuration | users | positions / prompt | positions / item | p50 ms | p90 ms | users/s | time vs image |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let base = rows.first().map(|r| r.mean_ms).unwrap_or(1.0);
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2}× |",
+            r.config,
+            r.users,
+            r.mean_positions,
+            r.positions_per_item,
+            r.p50_ms,
+            r.p90_ms,
+            r.users_per_second,
+            r.mean_ms / base
+        );
+    }
+    Ok(())
+}
+
+/// A field of /proc/self/status in KiB (0 where unavailable).
+fn memory_kib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
