@@ -397,6 +397,8 @@ pub struct ContextOptions {
     pub n_ctx: u32,
     /// Store the KV cache in f32 instead of llama.cpp's default f16 (for parity checks).
     pub kv_f32: bool,
+    /// Flash attention: `None` lets llama.cpp decide, `Some(false)` forces the plain path.
+    pub flash_attn: Option<bool>,
     /// Largest number of positions decoded in one call.
     pub n_batch: u32,
     pub n_threads: i32,
@@ -407,6 +409,7 @@ impl Default for ContextOptions {
         Self {
             n_ctx: 2048,
             kv_f32: false,
+            flash_attn: None,
             n_batch: 512,
             n_threads: default_threads(),
         }
@@ -458,6 +461,11 @@ impl Context {
             // llama.cpp makes every position of a batch an output.
             p.embeddings = false;
             p.kv_unified = true;
+            p.flash_attn_type = match opts.flash_attn {
+                None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+                Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            };
             if opts.kv_f32 {
                 p.type_k = sys::GGML_TYPE_F32;
                 p.type_v = sys::GGML_TYPE_F32;

@@ -91,6 +91,9 @@ pub struct RuntimeArgs {
     /// Keep the KV cache in f32 instead of f16 (slower; for parity checks against PyTorch).
     #[arg(long)]
     pub kv_f32: bool,
+    /// Flash attention: auto (llama.cpp decides), on or off.
+    #[arg(long, value_enum, default_value_t = FlashAttn::Auto)]
+    pub flash_attn: FlashAttn,
     /// Most recent history items written into the prompt.
     #[arg(long, default_value_t = 10)]
     pub max_history: usize,
@@ -124,6 +127,11 @@ impl RuntimeArgs {
             context: ContextOptions {
                 n_ctx: self.n_ctx,
                 kv_f32: self.kv_f32,
+                flash_attn: match self.flash_attn {
+                    FlashAttn::Auto => None,
+                    FlashAttn::On => Some(true),
+                    FlashAttn::Off => Some(false),
+                },
                 n_batch: 512,
                 n_threads: self.threads.unwrap_or_else(llm::default_threads),
             },
@@ -135,6 +143,13 @@ impl RuntimeArgs {
             prompt_style: None,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlashAttn {
+    Auto,
+    On,
+    Off,
 }
 
 /// Parses "1,2,3" into item ids, naming the entry that is not a number.
