@@ -80,47 +80,46 @@ pub fn run(a: BenchArgs) -> Result<()> {
         true,
         Some(PromptStyle::Description),
     ));
-    let mut rows = Vec::new();
-    for (name, reuse, style) in configs {
-        rec.set_request_options(reuse && a.runtime.options().reuse_prefix, style)?;
-        let mut times = Vec::new();
-        let mut positions = 0usize;
-        let mut items = 0usize;
-        for (k, case) in known.iter().enumerate() {
+    // Configurations take turns on every user, so that load from other processes that comes
+    // and goes weighs on all of them alike and their ratios stay meaningful.
+    let mut times = vec![Vec::new(); configs.len()];
+    let mut positions = vec![0usize; configs.len()];
+    let mut items = vec![0usize; configs.len()];
+    for (k, case) in known.iter().enumerate() {
+        for (c, (_, reuse, style)) in configs.iter().enumerate() {
+            rec.set_request_options(*reuse && a.runtime.options().reuse_prefix, *style)?;
             let t = Instant::now();
             let user = rec.encode_user(&case.history)?;
             let exclude: HashSet<u64> = case.history.iter().copied().collect();
             std::hint::black_box(rec.top_k(&user, 10, None, &exclude)?);
             if k >= a.warmup {
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-                positions += user.prompt_positions;
-                items += user.used.len();
+                times[c].push(t.elapsed().as_secs_f64() * 1e3);
+                positions[c] += user.prompt_positions;
+                items[c] += user.used.len();
             }
         }
-        let n = times.len();
-        let mut sorted = times.clone();
+    }
+    // Positions that do not depend on the items: BOS, task text, closing text and [REC].
+    let t = illmrec::prompt::template();
+    let fixed = rec
+        .model()
+        .tokenize(
+            &format!("{}{}{}{}", t.task, t.list_close, t.closing, t.instruction),
+            true,
+        )?
+        .len()
+        + 1;
+    let mut rows = Vec::new();
+    for (c, (name, _, _)) in configs.iter().enumerate() {
+        let n = times[c].len();
+        let mut sorted = times[c].clone();
         sorted.sort_by(f64::total_cmp);
-        let mean = times.iter().sum::<f64>() / n as f64;
-        // Positions that do not depend on the items: BOS, task text, closing text and [REC].
-        let fixed = rec
-            .model()
-            .tokenize(
-                &format!(
-                    "{}{}{}{}",
-                    illmrec::prompt::template().task,
-                    illmrec::prompt::template().list_close,
-                    illmrec::prompt::template().closing,
-                    illmrec::prompt::template().instruction
-                ),
-                true,
-            )?
-            .len()
-            + 1;
+        let mean = sorted.iter().sum::<f64>() / n as f64;
         rows.push(Row {
             config: name.to_string(),
             users: n,
-            mean_positions: positions as f64 / n as f64,
-            positions_per_item: (positions as f64 - (fixed * n) as f64) / items as f64,
+            mean_positions: positions[c] as f64 / n as f64,
+            positions_per_item: (positions[c] as f64 - (fixed * n) as f64) / items[c] as f64,
             p50_ms: sorted[n / 2],
             p90_ms: sorted[(n * 9 / 10).min(n - 1)],
             mean_ms: mean,
