@@ -1,0 +1,333 @@
+"""I-LLMRec trainer through the frozen GGUF LLM (reference §4), with export of the runtime's heads.
+
+One joint loss per step = IRE + ILA:
+- IRE: the prompt of src/prompt.json closed by the learned [REC] vector; the LLM's final hidden
+  state there → f_u_m; item vectors f_i_m(x_m); BCE-with-logits on the raw dot product for the
+  target and one random negative per sample, per modality, averaged over the modalities.
+- ILA: the same history text in the vicuna_v1 wrapper, a question about the target item, and
+  next-token cross-entropy through the frozen LM head on the answer tokens only.
+Trainable: adaptor, rec_token, the six heads. The tokens before the first item are identical in
+every prompt, so their KV cache is computed once per run and reused (with no gradient).
+
+Resumable: `--out DIR/ckpt.pt` holds trainables + optimizer + scheduler + step; every random
+choice is a function of (seed, epoch), so a restarted run continues exactly where it stopped.
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import write_json
+from .llm import DEFAULT_GGUF, PROMPT, encode, load_llm, segments, tokenize
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ILA_LEAD = ("Please conduct an analysis of user preference, taking into account the interacted items. "
+            "Based on your analysis, ")
+# Our own questions/answers (the reference's 20 templates are for Amazon title/feature/brand/category).
+QUESTIONS = {
+    "title": ["what is the title of the next item this user will consume?",
+              "which item will the user interact with next? Give its title.",
+              "predict the title of the item the user is most likely to watch next."],
+    "genres": ["what are the genres of the next item this user will consume?",
+               "which genres does the item the user will watch next belong to?",
+               "predict the genres of the item the user is most likely to watch next."],
+    "description": ["describe the next item this user will consume.",
+                    "give a short description of the item the user will watch next.",
+                    "what is the plot of the item the user is most likely to watch next?"],
+}
+ANSWERS = {"title": "The title of the next item is ", "genres": "The genres of the next item are ",
+           "description": "The description of the next item is "}
+MODALITIES = ("img", "cf", "text")
+FEATURE_FILES = {"img": "image", "cf": "cf", "text": "text"}
+
+
+def mlp(n_in, hidden=1024, out=512):
+    m = nn.Module()
+    m.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.LayerNorm(hidden, eps=1e-5), nn.ReLU(),
+                          nn.Linear(hidden, out))
+    return m
+
+
+class RecModule(nn.Module):
+    """Parameter names are the runtime's heads.safetensors keys."""
+
+    def __init__(self, llm_dim, item_dims, image_dim=None, adaptor_dim=512):
+        super().__init__()
+        if image_dim:
+            self.adaptor = nn.Module()
+            self.adaptor.proj_v2c = nn.Linear(image_dim, adaptor_dim)
+            self.adaptor.layernorm = nn.LayerNorm(adaptor_dim, eps=1e-8)
+            self.adaptor.interface = nn.Linear(adaptor_dim, llm_dim)
+        self.rec_token = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, llm_dim)))
+        for m, d in item_dims.items():
+            setattr(self, f"f_u_{m}", mlp(llm_dim))
+            setattr(self, f"f_i_{m}", mlp(d))
+
+    def adapt(self, x):
+        a = self.adaptor
+        return a.interface(nn.functional.gelu(a.layernorm(a.proj_v2c(x))))
+
+    def head(self, side, m, x):
+        return getattr(self, f"f_{side}_{m}").mlp(x)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+class Data:
+    def __init__(self, root):
+        self.root = Path(root)
+        self.items = {it["id"]: it for it in read_jsonl(self.root / "items.jsonl")}
+        self.ids = np.array(sorted(self.items))
+        self.feats, self.row = {}, {}
+        for m, f in FEATURE_FILES.items():
+            x = np.load(self.root / "features" / f"{f}.npy")
+            ids = np.load(self.root / "features" / f"{f}.ids.npy")
+            self.feats[m] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            self.row[m] = {int(i): k for k, i in enumerate(ids)}
+        self.train = [r["items"] for r in read_jsonl(self.root / "train.jsonl") if len(r["items"]) >= 2]
+
+    def has_image(self, i):
+        return i in self.row["img"]
+
+    def rows(self, m, ids):
+        """Feature rows of `ids` for modality m (zeros where missing) and the presence mask."""
+        r = [self.row[m].get(i, -1) for i in ids]
+        mask = torch.tensor([k >= 0 for k in r])
+        return self.feats[m][torch.tensor([max(k, 0) for k in r])], mask
+
+
+def epoch_samples(data, seed, epoch, style_types):
+    """Reference §4.2: one sample per user, random window of 2..4 (p=.5) or 2..9 items; plus the
+    negative item and the ILA question for each."""
+    rng = np.random.default_rng([seed, epoch])
+    out = []
+    for seq in data.train:
+        cap = 5 if rng.random() < 0.5 else 10
+        n = int(rng.integers(2, cap))
+        if len(seq) > n:
+            s = int(rng.integers(0, len(seq) - n))
+            hist, target = seq[s:s + n], seq[s + n]
+        else:
+            hist, target = seq[:-1], seq[-1]
+        neg = target
+        while neg == target:
+            neg = int(data.ids[rng.integers(len(data.ids))])
+        types = [t for t in style_types if answer_value(data.items[target], t)]
+        qtype = types[int(rng.integers(len(types)))]
+        q = int(rng.integers(len(QUESTIONS[qtype])))
+        out.append(dict(history=hist, target=target, neg=neg, qtype=qtype, q=q))
+    return [out[k] for k in rng.permutation(len(out))]
+
+
+def answer_value(item, qtype):
+    if qtype == "title":
+        return item.get("title") or PROMPT["unknown_title"]
+    if qtype == "genres":
+        return ", ".join(item.get("genres") or [])
+    return (item.get("description") or "").strip()
+
+
+class Trainer:
+    def __init__(self, model, tok, data, rec, style):
+        self.model, self.tok, self.data, self.rec, self.style = model, tok, data, rec, style
+        self.embed = model.model.embed_tokens  # scales by sqrt(640) itself
+        # The constant prefix: the task text minus its last token (which may merge with "{").
+        self.ire_prefix = encode(tok, PROMPT["task"], bos=True)[:-1]
+        self.ila_head = f"{SYSTEM} USER: "
+        self.ila_prefix = encode(tok, self.ila_head + PROMPT["task"], bos=True)[:-1]
+        self.caches = {k: self.prefix_cache(p) for k, p in
+                       (("ire", self.ire_prefix), ("ila", self.ila_prefix))}
+
+    @torch.no_grad()
+    def prefix_cache(self, ids):
+        return self.model.model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+
+    def embed_prompt(self, ids, markers, prefix):
+        """Input embeddings after the cached prefix: token rows, adaptor outputs, rec_token."""
+        assert ids[:len(prefix)] == prefix, "prompt does not start with the cached prefix"
+        ids, markers = ids[len(prefix):], markers[len(prefix):]
+        e = self.embed(torch.tensor([0 if i is None else i for i in ids]))
+        pos = [k for k, mk in enumerate(markers) if mk is not None]
+        if not pos:
+            return e
+        vecs = []
+        for k in pos:
+            mk = markers[k]
+            if mk[0] == "rec":
+                vecs.append(self.rec.rec_token[0])
+            else:
+                vecs.append(self.rec.adapt(self.data.rows("img", [mk[1]])[0][0]))
+        return e.index_put((torch.tensor(pos),), torch.stack(vecs))
+
+    def run_llm(self, embeds, cache):
+        """Right-padded batch after the cached prefix (causal attention: padding never reaches a
+        real position). Returns the final-norm hidden states [B, L, d]."""
+        n = max(len(e) for e in embeds)
+        x = torch.stack([nn.functional.pad(e, (0, 0, 0, n - len(e))) for e in embeds])
+        c = copy.deepcopy(self.caches[cache])
+        c.batch_repeat_interleave(len(embeds))
+        return self.model.model(inputs_embeds=x, past_key_values=c, use_cache=True).last_hidden_state
+
+    def ire_loss(self, batch):
+        embeds = []
+        for s in batch:
+            ids, mk = tokenize(self.tok, segments(self.tok, self.data.items, s["history"], self.style,
+                                                  self.data.has_image))
+            embeds.append(self.embed_prompt(ids, mk, self.ire_prefix))
+        h = self.run_llm(embeds, "ire")
+        h = h[torch.arange(len(batch)), torch.tensor([len(e) - 1 for e in embeds])]
+        bce = nn.functional.binary_cross_entropy_with_logits
+        total = 0.0
+        for m in MODALITIES:
+            u = self.rec.head("u", m, h)
+            for key, label in (("target", 1.0), ("neg", 0.0)):
+                x, mask = self.data.rows(m, [s[key] for s in batch])
+                if mask.any():
+                    v = self.rec.head("i", m, x[mask])
+                    logit = (u[mask] * v).sum(-1)
+                    total = total + bce(logit, torch.full_like(logit, label))
+        return total / len(MODALITIES)
+
+    def ila_loss(self, batch):
+        embeds, targets = [], []
+        for s in batch:
+            q = ILA_LEAD + QUESTIONS[s["qtype"]][s["q"]] + " ASSISTANT:"
+            segs = segments(self.tok, self.data.items, s["history"], self.style, self.data.has_image,
+                            closing=q, rec=False)
+            segs[0] = self.ila_head + segs[0]
+            ids, mk = tokenize(self.tok, segs)
+            value = answer_value(self.data.items[s["target"]], s["qtype"])
+            if s["qtype"] == "description":  # cut like the prompt's descriptions
+                value = self.tok.decode(encode(self.tok, value)[:64])
+            ans = encode(self.tok, f" {ANSWERS[s['qtype']]}'{value}'") + [self.tok.eos_token_id]
+            e = self.embed_prompt(ids, mk, self.ila_prefix)
+            embeds.append(torch.cat([e, self.embed(torch.tensor(ans))]))
+            targets.append((len(e), ans))
+        h = self.run_llm(embeds, "ila")
+        rows = torch.cat([h[b, start - 1:start - 1 + len(ans)] for b, (start, ans) in enumerate(targets)])
+        labels = torch.tensor([t for _, ans in targets for t in ans])
+        return nn.functional.cross_entropy(self.model.lm_head(rows), labels)
+
+
+def export(rec, cfg_extra, out, dtype):
+    """heads.safetensors (runtime key names, [out, in] weights) + heads.json."""
+    dt = torch.float16 if dtype == "f16" else torch.float32
+    save_file({k: v.detach().to(dt).contiguous() for k, v in rec.state_dict().items()},
+              str(out / "heads.safetensors"))
+    write_json(out / "heads.json", cfg_extra)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--prompt-style", choices=["image", "title", "description"], default="image")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-samples", type=int, help="stop after this many samples (LR schedule too)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ckpt-every", type=int, default=20, help="steps")
+    ap.add_argument("--log-every", type=int, default=5, help="steps")
+    ap.add_argument("--max-minutes", type=float, help="stop (checkpoint + export) after this long")
+    ap.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="exported heads")
+    ap.add_argument("--model", type=Path, default=DEFAULT_GGUF)
+    a = ap.parse_args(argv)
+    t_start = time.time()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    a.out.mkdir(parents=True, exist_ok=True)
+    data = Data(a.dataset)
+    model, tok = load_llm(a.model)
+    llm_dim = model.config.hidden_size
+    item_dims = {m: data.feats[m].shape[1] for m in MODALITIES}
+    image_dim = item_dims["img"] if a.prompt_style == "image" else None
+    rec = RecModule(llm_dim, item_dims, image_dim)
+    trainer = Trainer(model, tok, data, rec, a.prompt_style)
+    qtypes = ["title", "genres"] + (["description"] if a.prompt_style != "title" else [])
+
+    per_epoch = math.ceil(len(data.train) / a.batch_size)
+    total = a.epochs * per_epoch
+    if a.max_samples:
+        total = min(total, math.ceil(a.max_samples / a.batch_size))
+    opt = torch.optim.AdamW(rec.parameters(), lr=a.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+    ckpt, step, history = a.out / "ckpt.pt", 0, []
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        assert st["total"] == total and st["style"] == a.prompt_style, "checkpoint is from other settings"
+        rec.load_state_dict(st["rec"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step, history = st["step"], st["history"]
+        print(f"resumed at step {step}/{total}", flush=True)
+
+    def save():
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save(dict(rec=rec.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step,
+                        total=total, style=a.prompt_style, history=history), tmp)
+        os.replace(tmp, ckpt)
+
+    samples, t0, acc = None, time.time(), []
+    while step < total:
+        epoch, k = divmod(step, per_epoch)
+        if samples is None or samples[0] != epoch:
+            samples = (epoch, epoch_samples(data, a.seed, epoch, qtypes))
+        batch = samples[1][k * a.batch_size:(k + 1) * a.batch_size]
+        ire, ila = trainer.ire_loss(batch), trainer.ila_loss(batch)
+        opt.zero_grad()
+        (ire + ila).backward()
+        opt.step()
+        sched.step()
+        step += 1
+        acc.append((ire.item(), ila.item(), len(batch)))
+        if step % a.log_every == 0 or step == total:
+            n = sum(x[2] for x in acc)
+            rate = n / (time.time() - t0)
+            row = dict(step=step, epoch=epoch, ire=float(np.mean([x[0] for x in acc])),
+                       ila=float(np.mean([x[1] for x in acc])), lr=sched.get_last_lr()[0],
+                       samples_per_s=rate, time=time.time() - t_start)
+            history.append(row)
+            eta = (total - step) * a.batch_size / rate
+            print(f"step {step}/{total} epoch {epoch} ire {row['ire']:.4f} ila {row['ila']:.4f} "
+                  f"lr {row['lr']:.2e} {rate:.2f} samples/s eta {eta / 60:.1f} min", flush=True)
+            t0, acc = time.time(), []
+        if step % a.ckpt_every == 0:
+            save()
+        if a.max_minutes and time.time() - t_start > 60 * a.max_minutes:
+            print(f"time budget reached at step {step}/{total}", flush=True)
+            break
+    save()
+    cfg = {"format": "illmrec-heads", "version": 1, "llm_dim": llm_dim, "proj_dim": 512, "hidden_dim": 1024,
+           "prompt": a.prompt_style}
+    if image_dim:
+        cfg["image_dim"] = image_dim
+    cfg.update({"adaptor_dim": 512, "item_dims": item_dims, "adaptor_ln_eps": 1e-8, "head_ln_eps": 1e-5,
+                "trained": True,
+                "provenance": f"dataset {a.dataset.name}, {step}/{total} steps of batch {a.batch_size} "
+                              f"({min(step * a.batch_size, total * a.batch_size)} samples, "
+                              f"{step / per_epoch:.2f} epochs of {len(data.train)} users), seed {a.seed}, "
+                              f"lr {a.lr}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, "
+                              f"command: illmrec_tools.train {shlex.join(sys.argv[1:] if argv is None else argv)}"})
+    export(rec, cfg, a.out, a.dtype)
+    print(f"exported {a.out}/heads.safetensors ({a.dtype}) at step {step}/{total}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

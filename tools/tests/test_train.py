@@ -1,0 +1,102 @@
+"""The trainer's prompt matches the runtime token for token; a few training steps lower the loss;
+exported heads load in the runtime. Runs on a slice of the real ml-latest-small prepared here, with
+seeded random features; needs target/release/illmrec (built by cargo test) and the default model."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from illmrec_tools import train as tr
+from illmrec_tools.export import ILLMREC, build_bundle
+from conftest import MLSMALL
+
+from illmrec_tools.llm import load_llm, segments, tokenize
+from illmrec_tools.prepare import prepare
+
+
+
+def illmrec(*args):
+    return subprocess.run([str(ILLMREC), *map(str, args)], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def llm():
+    torch.set_num_threads(2)
+    return load_llm()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The first 40 users of the real ml-latest-small (6 of them for training), with seeded random
+    features: image rows only for items that have a poster, text and CF rows for all."""
+    d = tmp_path_factory.mktemp("tiny")
+    prepare("ml-latest-small", MLSMALL, d, max_users=40)
+    items = [json.loads(line) for line in (d / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    ids = np.array([it["id"] for it in items], dtype=np.int64)
+    with_poster = np.array([it["id"] for it in items if it["image"]], dtype=np.int64)
+    rng = np.random.default_rng(0)
+    (d / "features").mkdir()
+    text = rng.normal(size=(len(ids), 384)).astype(np.float32)
+    for name, rows, x in (("image", with_poster, rng.random((len(with_poster), 1024), dtype=np.float32) * 6),
+                          ("text", ids, text / np.linalg.norm(text, axis=1, keepdims=True)),
+                          ("cf", ids, rng.normal(size=(len(ids), 50)).astype(np.float32))):
+        np.save(d / "features" / f"{name}.npy", x)
+        np.save(d / "features" / f"{name}.ids.npy", rows)
+    lines = (d / "train.jsonl").read_text(encoding="utf-8").splitlines()[:6]
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d
+
+
+def test_prompt_matches_runtime(llm, tiny, tmp_path):
+    _, tok = llm
+    data = tr.Data(tiny)
+    cfg = {"format": "illmrec-heads", "version": 1, "llm_dim": 640, "proj_dim": 512, "hidden_dim": 1024,
+           "prompt": "image", "image_dim": 1024, "item_dims": {"img": 1024, "text": 384}, "trained": False}
+    (tmp_path / "heads.json").write_text(json.dumps(cfg))
+    illmrec("init-heads", "--config", tmp_path / "heads.json", "--out", tmp_path / "heads.safetensors")
+    banks = []
+    for m, f in (("img", "image"), ("text", "text")):
+        illmrec("bank", "build", "--npy", tiny / "features" / f"{f}.npy", "--ids",
+                tiny / "features" / f"{f}.ids.npy", "--modality", m, "--out", tmp_path / f"{m}.bank")
+        banks += ["--bank", f"{m}={tmp_path / f'{m}.bank'}"]
+    illmrec("bundle", "create", "--out", tmp_path / "b", "--heads", tmp_path / "heads.safetensors",
+            "--heads-config", tmp_path / "heads.json", "--items", tiny / "items.jsonl", *banks)
+    no_image = [i for i in data.ids[:60].tolist() if not data.has_image(i)]
+    with_image = [i for i in data.ids[:60].tolist() if data.has_image(i)]
+    histories = [with_image[:3], no_image[:2] + with_image[3:5], [no_image[2]], with_image[5:15],
+                 json.loads((tiny / "valid.jsonl").read_text().splitlines()[3])["history"][-10:]]
+    for h in histories:
+        out = json.loads(illmrec("prompt", "--bundle", tmp_path / "b", "--history", ",".join(map(str, h)),
+                                 "--json", "--threads", 2))
+        assert out["history_used"] == h and not out["dropped"]
+        ids, markers = tokenize(tok, segments(tok, data.items, h, "image", data.has_image))
+        assert out["tokens"] == ids, (h, out["text"])
+        assert [m[1] for m in markers if m and m[0] == "img"] == [i for i in h if data.has_image(i)]
+
+
+def test_training_lowers_loss_and_exports(llm, tiny, tmp_path):
+    model, tok = llm
+    data = tr.Data(tiny)
+    torch.manual_seed(0)
+    rec = tr.RecModule(640, {m: data.feats[m].shape[1] for m in tr.MODALITIES}, 1024)
+    trainer = tr.Trainer(model, tok, data, rec, "image")
+    batch = tr.epoch_samples(data, 0, 0, ["title", "genres"])[:2]
+    opt = torch.optim.AdamW(rec.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(4):  # the same batch each step: the joint loss must go down
+        loss = trainer.ire_loss(batch) + trainer.ila_loss(batch)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0], losses
+
+    out = tmp_path / "run"
+    tr.main(["--dataset", str(tiny), "--out", str(out), "--max-samples", "4", "--batch-size", "2",
+             "--dtype", "f16"])
+    cfg = json.loads((out / "heads.json").read_text())
+    assert cfg["trained"] and cfg["prompt"] == "image" and cfg["item_dims"] == {"img": 1024, "cf": 50, "text": 384}
+    printed = build_bundle(out, tiny, tmp_path / "bundle")
+    assert printed.strip()
