@@ -2,7 +2,7 @@
 size, the peak RSS and per-user latency of `illmrec eval`, and HR@5/NDCG@5 on a dataset split.
 
     PYTHONPATH=tools tools/.venv/bin/python -m illmrec_tools.quant_table \
-        --bundle data/runs/ml100k-illmrec/bundle --dataset data/ml100k --limit 200
+        --bundle data/runs/ml100k-illmrec/bundle --dataset data/ml100k --limit 150
 
 Missing quantizations are made from the default Q4_K_M model with `illmrec quantize` (so every
 row carries the Q4_K_M model's own quantization error; F32 is that model dequantized).
@@ -14,19 +14,10 @@ import re
 import subprocess
 from pathlib import Path
 
+from .parity import model_file
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / "target" / "release" / "illmrec"
-DEFAULT = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
-
-
-def model_file(kind: str) -> Path:
-    if kind == "q4_k_m":
-        return DEFAULT
-    path = REPO / "data" / "models" / f"gemma-3-270m-{kind}.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(BIN), "quantize", str(DEFAULT), str(path), "--type", kind], check=True)
-    return path
 
 
 def main() -> None:
