@@ -315,10 +315,6 @@ impl Model {
         self.info.n_embd
     }
 
-    pub fn n_vocab(&self) -> usize {
-        self.n_vocab as usize
-    }
-
     /// Tokenizes text. `add_bos` adds the model's start-of-text token; special-token syntax in
     /// the text is never parsed, so an item title cannot smuggle in control tokens.
     pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>> {

@@ -150,10 +150,6 @@ impl Recommender {
         self.items.modalities()
     }
 
-    pub fn options(&self) -> &Options {
-        &self.opts
-    }
-
     /// Changes the options that act per request (benchmarks compare them on one loaded model).
     pub fn set_request_options(
         &mut self,

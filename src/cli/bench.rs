@@ -49,7 +49,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     ensure!(a.users >= 1, "--users must be at least 1");
     let cases = load_split(&a.dataset, "test")?;
     let t0 = Instant::now();
-    let mut rec = Recommender::open(&a.bundle, a.runtime.options())?;
+    let opts = a.runtime.options();
+    let mut rec = Recommender::open(&a.bundle, opts.clone())?;
     let open_s = t0.elapsed().as_secs_f64();
     let cache_built = rec.items.computed;
     let rss_after_open = memory_kib("VmRSS");
@@ -87,7 +88,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut items = vec![0usize; configs.len()];
     for (k, case) in known.iter().enumerate() {
         for (c, (_, reuse, style)) in configs.iter().enumerate() {
-            rec.set_request_options(*reuse && a.runtime.options().reuse_prefix, *style)?;
+            rec.set_request_options(*reuse && opts.reuse_prefix, *style)?;
             let t = Instant::now();
             let user = rec.encode_user(&case.history)?;
             let exclude: HashSet<u64> = case.history.iter().copied().collect();
@@ -129,7 +130,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let report = serde_json::json!({
         "bundle": a.bundle.display().to_string(),
         "model": rec.model().path.display().to_string(),
-        "threads": a.runtime.options().context.n_threads,
+        "threads": opts.context.n_threads,
         "open_seconds": open_s,
         "item_vectors_built": cache_built,
         "catalog_items": rec.catalog.len(),
@@ -148,7 +149,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rec.catalog.len(),
         rss_after_open / 1024.0,
         memory_kib("VmHWM") / 1024.0,
-        a.runtime.options().context.n_threads
+        opts.context.n_threads
     );
     println!("\n| configuration | users | positions / prompt | positions / item | p50 ms | p90 ms | users/s | time vs image |");
     println!("|---|---|---|---|---|---|---|---|");
