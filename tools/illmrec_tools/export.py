@@ -1,5 +1,6 @@
 """Builds a runtime bundle from a training run: banks for the img/cf/text features (illmrec bank
-build), then `illmrec bundle create`, then checks it with `illmrec recommend`.
+build), then `illmrec bundle create` (pointing at the run's model.gguf when the token table was
+trained, else at the default model), then checks it with `illmrec recommend`.
 
     python -m illmrec_tools.export --run data/runs/X --dataset data/ml100k --bundle data/runs/X/bundle
 """
@@ -29,6 +30,8 @@ def build_bundle(run_dir, dataset, bundle, dtype="f16", check_history=None, thre
         run(ILLMREC, "bank", "build", "--npy", dataset / "features" / f"{f}.npy",
             "--ids", dataset / "features" / f"{f}.ids.npy", "--modality", m, "--dtype", dtype, "--out", out)
         bank_args += ["--bank", f"{m}={out}"]
+    if (run_dir / "model.gguf").exists():  # trained with --train-token-embeddings
+        bank_args += ["--model", run_dir / "model.gguf"]
     run(ILLMREC, "bundle", "create", "--out", bundle, "--heads", run_dir / "heads.safetensors",
         "--heads-config", run_dir / "heads.json", "--items", dataset / "items.jsonl", *bank_args)
     if check_history is None:  # the first valid user's last 5 history items

@@ -10,7 +10,8 @@ and its data folder into an illmrec bundle.
     SASRec checkpoint (rec_cfg.recsys_model_path or --sasrec)  item_emb.weight, row = id + 1
 
 The bundle gets: model.gguf (the base GGUF with token_embd.weight replaced by the fine-tuned
-table without its <i_vis> row; everything else copied), heads.safetensors as saved, heads.json
+table without its <i_vis> row; the base output layer kept, as the reference freezes lm_head;
+everything else copied), heads.safetensors as saved, heads.json
 with dims read from the tensors, items.jsonl (id, title, description), and img/text/cf banks.
 
     PYTHONPATH=tools tools/.venv/bin/python -m illmrec_tools.import_reference \
@@ -22,11 +23,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
 
+from illmrec_tools.gguf_table import write_gguf
 from illmrec_tools.parity import DEFAULT_GGUF, illmrec
 
 I_VIS = "<i_vis>"
@@ -47,43 +48,6 @@ def i_vis_id(llm_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(llm_dir).convert_tokens_to_ids(I_VIS)
-
-
-def write_gguf(base, out, table, embed_type="f16"):
-    """Copies `base` (all metadata and tensors) to `out`, with token_embd.weight replaced by
-    `table` [vocab, d] stored as f16 or f32. Gemma ties the output layer to this table."""
-    reader = gguf.GGUFReader(base)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(out, arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue  # written by GGUFWriter itself
-        if field.name == gguf.Keys.General.ALIGNMENT:
-            writer.add_custom_alignment(field.contents())  # the writer must pad to it too
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-    new = table.numpy().astype(np.float16 if embed_type == "f16" else np.float32)
-    tensors = []
-    for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            rows, dim = (int(x) for x in reversed(t.shape))  # GGUF dims are reversed
-            if new.shape != (rows, dim):
-                raise SystemExit(f"import_reference: the fine-tuned table is {list(new.shape)} without {I_VIS}, "
-                                 f"the base model's token_embd is {[rows, dim]}: not the same LLM")
-            kind = gguf.GGMLQuantizationType.F16 if embed_type == "f16" else gguf.GGMLQuantizationType.F32
-            tensors.append((t.name, new, kind))
-        else:
-            tensors.append((t.name, t.data, t.tensor_type))
-    for name, data, kind in tensors:
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for _, data, _ in tensors:
-        writer.write_tensor_data(data)
-    writer.close()
 
 
 def heads_config(weights, source):
@@ -131,7 +95,8 @@ def import_checkpoint(checkpoint, data, out, base_gguf=DEFAULT_GGUF, embed_type=
     table = load_tensor(checkpoint / "llm_parameter" / "token_embed.pth")
     drop = i_vis_id(checkpoint / "llm")
     table = torch.cat([table[:drop], table[drop + 1:]])
-    write_gguf(base_gguf, out / "model.gguf", table, embed_type)
+    write_gguf(base_gguf, out / "model.gguf", table, embed_type,
+               what=f"import_reference: the fine-tuned table without {I_VIS}")
 
     meta = json.loads((data / "meta_info.json").read_text(encoding="utf-8"))
     ids = sorted(int(k) for k in meta)

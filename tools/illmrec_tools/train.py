@@ -6,8 +6,11 @@ One joint loss per step = IRE + ILA:
   target and one random negative per sample, per modality, averaged over the modalities.
 - ILA: the same history text in the vicuna_v1 wrapper, a question about the target item, and
   next-token cross-entropy through the frozen LM head on the answer tokens only.
-Trainable: adaptor, rec_token, the six heads. The tokens before the first item are identical in
-every prompt, so their KV cache is computed once per run and reused (with no gradient).
+Trainable: adaptor, rec_token, the six heads; with --train-token-embeddings also the LLM's input
+embedding table (as the reference's train_token_emb; the LM head stays frozen at the base table),
+and the export then writes the trained table into a new GGUF. The tokens before the first item are
+identical in every prompt, so while the table is frozen their KV cache is computed once per run and
+reused (with no gradient); when it trains, every prompt is run whole so those rows learn too.
 
 Resumable: `--out DIR/ckpt.pt` holds trainables + optimizer + scheduler + step; every random
 choice is a function of (seed, epoch), so a restarted run continues exactly where it stopped.
@@ -29,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import write_json
+from .gguf_table import write_gguf
 from .llm import DEFAULT_GGUF, PROMPT, encode, load_llm, segments, tokenize
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -142,16 +146,27 @@ def answer_value(item, qtype):
     return (item.get("description") or "").strip()
 
 
+def make_token_table_trainable(model):
+    """Unties Gemma's LM head from the input table (the head keeps a frozen copy of the base
+    table, as the reference freezes lm_head) and lets the input table train."""
+    table = model.model.embed_tokens.weight
+    model.lm_head.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
+    table.requires_grad_(True)
+    return table
+
+
 class Trainer:
-    def __init__(self, model, tok, data, rec, style):
+    def __init__(self, model, tok, data, rec, style, cache_prefix=True):
         self.model, self.tok, self.data, self.rec, self.style = model, tok, data, rec, style
         self.embed = model.model.embed_tokens  # scales by sqrt(640) itself
-        # The constant prefix: the task text minus its last token (which may merge with "{").
-        self.ire_prefix = encode(tok, PROMPT["task"], bos=True)[:-1]
         self.ila_head = f"{SYSTEM} USER: "
-        self.ila_prefix = encode(tok, self.ila_head + PROMPT["task"], bos=True)[:-1]
-        self.caches = {k: self.prefix_cache(p) for k, p in
-                       (("ire", self.ire_prefix), ("ila", self.ila_prefix))}
+        self.ire_prefix, self.ila_prefix, self.caches = [], [], None
+        if cache_prefix:
+            # The constant prefix: the task text minus its last token (which may merge with "{").
+            self.ire_prefix = encode(tok, PROMPT["task"], bos=True)[:-1]
+            self.ila_prefix = encode(tok, self.ila_head + PROMPT["task"], bos=True)[:-1]
+            self.caches = {k: self.prefix_cache(p) for k, p in
+                           (("ire", self.ire_prefix), ("ila", self.ila_prefix))}
 
     @torch.no_grad()
     def prefix_cache(self, ids):
@@ -179,6 +194,8 @@ class Trainer:
         real position). Returns the final-norm hidden states [B, L, d]."""
         n = max(len(e) for e in embeds)
         x = torch.stack([nn.functional.pad(e, (0, 0, 0, n - len(e))) for e in embeds])
+        if self.caches is None:
+            return self.model.model(inputs_embeds=x).last_hidden_state
         c = copy.deepcopy(self.caches[cache])
         c.batch_repeat_interleave(len(embeds))
         return self.model.model(inputs_embeds=x, past_key_values=c, use_cache=True).last_hidden_state
@@ -248,6 +265,9 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, help="stop (checkpoint + export) after this long")
     ap.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="exported heads")
     ap.add_argument("--model", type=Path, default=DEFAULT_GGUF)
+    ap.add_argument("--train-token-embeddings", action="store_true",
+                    help="also train the LLM's input embedding table (reference: train_token_emb); the export "
+                         "writes it into OUT/model.gguf, a copy of --model (table stored as --dtype)")
     a = ap.parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(a.threads)
@@ -259,29 +279,43 @@ def main(argv=None):
     item_dims = {m: data.feats[m].shape[1] for m in MODALITIES}
     image_dim = item_dims["img"] if a.prompt_style == "image" else None
     rec = RecModule(llm_dim, item_dims, image_dim)
-    trainer = Trainer(model, tok, data, rec, a.prompt_style)
+    table = make_token_table_trainable(model) if a.train_token_embeddings else None
+    trainer = Trainer(model, tok, data, rec, a.prompt_style, cache_prefix=table is None)
     qtypes = ["title", "genres"] + (["description"] if a.prompt_style != "title" else [])
 
     per_epoch = math.ceil(len(data.train) / a.batch_size)
     total = a.epochs * per_epoch
     if a.max_samples:
         total = min(total, math.ceil(a.max_samples / a.batch_size))
-    opt = torch.optim.AdamW(rec.parameters(), lr=a.lr, weight_decay=0.0)
+    # weight_decay 0 (the reference's HF default): rows that get no gradient do not move.
+    opt = torch.optim.AdamW(list(rec.parameters()) + ([table] if table is not None else []), lr=a.lr,
+                            weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
-    ckpt, step, history = a.out / "ckpt.pt", 0, []
+    ckpt, step, history, seconds_before = a.out / "ckpt.pt", 0, [], 0.0
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
-        assert st["total"] == total and st["style"] == a.prompt_style, "checkpoint is from other settings"
+        if st["total"] != total or st["style"] != a.prompt_style or ("table" in st) != (table is not None):
+            raise SystemExit(f"train: {ckpt} is from other settings (steps, prompt style or "
+                             f"--train-token-embeddings); use another --out")
         rec.load_state_dict(st["rec"])
+        if table is not None:
+            table.data.copy_(st["table"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         step, history = st["step"], st["history"]
+        # Older checkpoints lack the total: each segment's log restarts its clock.
+        seconds_before = st.get("train_seconds", sum(r["time"] for k, r in enumerate(history)
+                                                     if k + 1 == len(history) or history[k + 1]["time"] < r["time"]))
         print(f"resumed at step {step}/{total}", flush=True)
 
     def save():
         tmp = ckpt.with_suffix(".tmp")
-        torch.save(dict(rec=rec.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step,
-                        total=total, style=a.prompt_style, history=history), tmp)
+        st = dict(rec=rec.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step,
+                  total=total, style=a.prompt_style, history=history,
+                  train_seconds=seconds_before + time.time() - t_start)
+        if table is not None:
+            st["table"] = table.detach()
+        torch.save(st, tmp)
         os.replace(tmp, ckpt)
 
     samples, t0, acc = None, time.time(), []
@@ -319,14 +353,18 @@ def main(argv=None):
     if image_dim:
         cfg["image_dim"] = image_dim
     cfg.update({"adaptor_dim": 512, "item_dims": item_dims, "adaptor_ln_eps": 1e-8, "head_ln_eps": 1e-5,
-                "trained": True,
+                "trained": True, "train_seconds": round(seconds_before + time.time() - t_start),
                 "provenance": f"dataset {a.dataset.name}, {step}/{total} steps of batch {a.batch_size} "
                               f"({min(step * a.batch_size, total * a.batch_size)} samples, "
                               f"{step / per_epoch:.2f} epochs of {len(data.train)} users), seed {a.seed}, "
-                              f"lr {a.lr}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, "
+                              f"lr {a.lr}, token embeddings {'trained' if table is not None else 'frozen'}, "
+                              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, "
                               f"command: illmrec_tools.train {shlex.join(sys.argv[1:] if argv is None else argv)}"})
     export(rec, cfg, a.out, a.dtype)
     print(f"exported {a.out}/heads.safetensors ({a.dtype}) at step {step}/{total}", flush=True)
+    if table is not None:
+        write_gguf(a.model, a.out / "model.gguf", table.detach().numpy(), a.dtype, what="the trained table")
+        print(f"exported {a.out}/model.gguf (trained token table as {a.dtype})", flush=True)
 
 
 if __name__ == "__main__":

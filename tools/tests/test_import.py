@@ -92,10 +92,13 @@ def test_gguf_holds_the_fine_tuned_table(imported):
     assert embd.tensor_type == gguf.GGMLQuantizationType.F16
     expected = table[:VOCAB].float().numpy().astype(np.float16)  # <i_vis> (the last row) dropped
     assert np.array_equal(np.asarray(embd.data).reshape(VOCAB, LLM_DIM), expected)
-    assert not any(t.name == "output.weight" for t in out.tensors)  # still tied to token_embd
     for t in base.tensors:
         if t.name != "token_embd.weight":
             assert tensors[t.name].tensor_type == t.tensor_type and np.array_equal(tensors[t.name].data, t.data)
+    # The LM head stays the base model's (the reference freezes lm_head): the base table, untied.
+    base_embd = next(t for t in base.tensors if t.name == "token_embd.weight")
+    head = tensors["output.weight"]
+    assert head.tensor_type == base_embd.tensor_type and np.array_equal(head.data, base_embd.data)
     for name, field in base.fields.items():
         if not name.startswith("GGUF."):
             assert out.fields[name].contents() == field.contents(), name

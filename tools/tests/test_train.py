@@ -100,3 +100,33 @@ def test_training_lowers_loss_and_exports(llm, tiny, tmp_path):
     assert cfg["trained"] and cfg["prompt"] == "image" and cfg["item_dims"] == {"img": 1024, "cf": 50, "text": 384}
     printed = build_bundle(out, tiny, tmp_path / "bundle")
     assert printed.strip()
+
+
+def test_token_embedding_training_exports_a_gguf(llm, tiny, tmp_path):
+    """--train-token-embeddings: only the rows of tokens seen in the prompts move, the new table is
+    written into a copy of the GGUF with the base LM head kept, and the runtime runs on it."""
+    import gguf
+
+    from illmrec_tools.gguf_table import read_token_table
+    from illmrec_tools.llm import DEFAULT_GGUF, encode
+
+    out = tmp_path / "run"
+    tr.main(["--dataset", str(tiny), "--out", str(out), "--max-samples", "2", "--batch-size", "2",
+             "--lr", "1e-2", "--dtype", "f16", "--train-token-embeddings"])
+    assert "token embeddings trained" in json.loads((out / "heads.json").read_text())["provenance"]
+    base = read_token_table(DEFAULT_GGUF).astype(np.float16)
+    reader = gguf.GGUFReader(out / "model.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    new = np.asarray(tensors["token_embd.weight"].data).reshape(base.shape)
+    moved = np.flatnonzero((new != base).any(axis=1))
+    _, tok = llm
+    bos = encode(tok, "x", bos=True)[0]
+    task_tokens = set(encode(tok, tr.PROMPT["task"])[:-1])
+    assert bos in moved and task_tokens <= set(moved.tolist())  # the prefix is trained too (no cache)
+    assert len(moved) < 2000  # rows that no prompt used stay as they were (weight decay 0)
+    base_embd = next(t for t in gguf.GGUFReader(DEFAULT_GGUF).tensors if t.name == "token_embd.weight")
+    assert np.array_equal(tensors["output.weight"].data, base_embd.data)  # LM head frozen
+    printed = build_bundle(out, tiny, tmp_path / "bundle")
+    assert printed.strip()
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["model"]["path"].endswith("model.gguf")
