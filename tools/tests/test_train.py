@@ -110,6 +110,12 @@ def test_token_embedding_training_exports_a_gguf(llm, tiny, tmp_path):
     from illmrec_tools.gguf_table import read_token_table
     from illmrec_tools.llm import DEFAULT_GGUF, encode
 
+    fresh, _ = load_llm()
+    table = tr.make_token_table_trainable(fresh)
+    assert table.requires_grad and not fresh.lm_head.weight.requires_grad
+    assert fresh.lm_head.weight.data_ptr() != table.data_ptr()  # untied: the LM head stays the base
+    del fresh, table
+
     out = tmp_path / "run"
     tr.main(["--dataset", str(tiny), "--out", str(out), "--max-samples", "2", "--batch-size", "2",
              "--lr", "1e-2", "--dtype", "f16", "--train-token-embeddings"])
