@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from .atomic import write_json
+from .atomic import atomic_write, write_json
 from .gguf_table import write_gguf
 from .llm import DEFAULT_GGUF, PROMPT, encode, load_llm, segments, tokenize
 
@@ -244,8 +244,8 @@ class Trainer:
 def export(rec, cfg_extra, out, dtype):
     """heads.safetensors (runtime key names, [out, in] weights) + heads.json."""
     dt = torch.float16 if dtype == "f16" else torch.float32
-    save_file({k: v.detach().to(dt).contiguous() for k, v in rec.state_dict().items()},
-              str(out / "heads.safetensors"))
+    with atomic_write(out / "heads.safetensors", "wb") as f:
+        f.write(save({k: v.detach().to(dt).contiguous() for k, v in rec.state_dict().items()}))
     write_json(out / "heads.json", cfg_extra)
 
 
@@ -303,16 +303,20 @@ def main(argv=None):
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         step, history = st["step"], st["history"]
-        # Older checkpoints lack the total: each segment's log restarts its clock.
+        # Checkpoints written before train_seconds existed: each resumed segment's log restarted
+        # its clock, so sum the last time of every segment.
         seconds_before = st.get("train_seconds", sum(r["time"] for k, r in enumerate(history)
                                                      if k + 1 == len(history) or history[k + 1]["time"] < r["time"]))
         print(f"resumed at step {step}/{total}", flush=True)
+
+    def train_seconds():
+        return seconds_before + time.time() - t_start
 
     def save():
         tmp = ckpt.with_suffix(".tmp")
         st = dict(rec=rec.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step,
                   total=total, style=a.prompt_style, history=history,
-                  train_seconds=seconds_before + time.time() - t_start)
+                  train_seconds=train_seconds())
         if table is not None:
             st["table"] = table.detach()
         torch.save(st, tmp)
@@ -353,18 +357,18 @@ def main(argv=None):
     if image_dim:
         cfg["image_dim"] = image_dim
     cfg.update({"adaptor_dim": 512, "item_dims": item_dims, "adaptor_ln_eps": 1e-8, "head_ln_eps": 1e-5,
-                "trained": True, "train_seconds": round(seconds_before + time.time() - t_start),
+                "trained": True, "train_seconds": round(train_seconds()),
                 "provenance": f"dataset {a.dataset.name}, {step}/{total} steps of batch {a.batch_size} "
                               f"({min(step * a.batch_size, total * a.batch_size)} samples, "
                               f"{step / per_epoch:.2f} epochs of {len(data.train)} users), seed {a.seed}, "
                               f"lr {a.lr}, token embeddings {'trained' if table is not None else 'frozen'}, "
                               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, "
                               f"command: illmrec_tools.train {shlex.join(sys.argv[1:] if argv is None else argv)}"})
-    export(rec, cfg, a.out, a.dtype)
-    print(f"exported {a.out}/heads.safetensors ({a.dtype}) at step {step}/{total}", flush=True)
-    if table is not None:
+    if table is not None:  # before the heads, whose heads.json marks a finished export
         write_gguf(a.model, a.out / "model.gguf", table.detach().numpy(), a.dtype, what="the trained table")
         print(f"exported {a.out}/model.gguf (trained token table as {a.dtype})", flush=True)
+    export(rec, cfg, a.out, a.dtype)
+    print(f"exported {a.out}/heads.safetensors ({a.dtype}) at step {step}/{total}", flush=True)
 
 
 if __name__ == "__main__":
