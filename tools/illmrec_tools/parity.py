@@ -26,12 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / "target" / "release" / "illmrec"
-PROMPT = json.loads((REPO / "src" / "prompt.json").read_text(encoding="utf-8"))
-DEFAULT_GGUF = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
+from . import llm
+from .export import ILLMREC as BIN
+from .llm import DEFAULT_GGUF, PROMPT, REPO, load_llm
+
 MODELS = REPO / "data" / "models"
-DESCRIPTION_TOKENS = 64  # the runtime's --description-tokens default
 
 
 def illmrec(*args):
@@ -49,31 +48,6 @@ def model_file(kind):
         path.parent.mkdir(parents=True, exist_ok=True)
         illmrec("quantize", DEFAULT_GGUF, path, "--type", kind)
     return path
-
-
-def load_llm(gguf, cache=None):
-    """The GGUF in transformers, float32, eager attention, and its tokenizer. The first load
-    converts the GGUF (~45 s) and saves it under `cache` (default data/cache/parity-<stem>)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = Path(gguf)
-    cache = Path(cache or REPO / "data" / "cache" / f"parity-{gguf.stem}")
-    if not (cache / "config.json").exists():
-        kw = dict(gguf_file=gguf.name, dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The weights are plain float32 tensors once loaded; drop the GGUF loader's marker, which
-        # would refuse save_pretrained.
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32, attn_implementation="eager")
-    tok = AutoTokenizer.from_pretrained(cache)
-    return model.eval().requires_grad_(False), tok
 
 
 def read_bank(path):
@@ -161,20 +135,7 @@ class Reference:
         return F.linear(F.gelu(h), w["adaptor.interface.weight"], w["adaptor.interface.bias"])
 
     def encode(self, text, bos=False):
-        """Token ids as llama.cpp gives them: no special-token parsing, optional BOS."""
-        ids = self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return [self.tok.bos_token_id] + ids if bos else ids
-
-    def description(self, item):
-        """The runtime's stand-in for a missing image (--missing-image text): the description,
-        else "Genres: a, b", cut to 64 tokens; None when the item has neither."""
-        d = (item.get("description") or "").strip()
-        if not d:
-            if not item.get("genres"):
-                return None
-            d = "Genres: " + ", ".join(item["genres"])
-        ids = self.encode(d)
-        return d if len(ids) <= DESCRIPTION_TOKENS else self.tok.decode(ids[:DESCRIPTION_TOKENS])
+        return llm.encode(self.tok, text, bos)
 
     def segments(self, history):
         """The prompt of src/prompt.rs build: text strings and injected vectors (float64)."""
@@ -186,7 +147,7 @@ class Reference:
             if i in self.banks["img"]:
                 segs += [text + t["item_visual"], self.adaptor(self.banks["img"][i])]
                 text = ""
-            elif (d := self.description(item)) is not None:
+            elif (d := llm.description(self.tok, item)) is not None:
                 text += t["item_description"] + d
             text += t["item_close"]
         segs.append(text + t["list_close"] + t["closing"] + t["instruction"])

@@ -14,10 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .parity import model_file
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / "target" / "release" / "illmrec"
+from .parity import BIN, REPO, model_file
 
 
 def main() -> None:

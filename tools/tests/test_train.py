@@ -2,23 +2,19 @@
 exported heads load in the runtime. Runs on a slice of the real ml-latest-small prepared here, with
 seeded random features; needs target/release/illmrec (built by cargo test) and the default model."""
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 from illmrec_tools import train as tr
-from illmrec_tools.export import ILLMREC, build_bundle
+from illmrec_tools.export import build_bundle
+from illmrec_tools.parity import illmrec
 from conftest import MLSMALL
 
 from illmrec_tools.llm import load_llm, segments, tokenize
 from illmrec_tools.prepare import prepare
 
-
-
-def illmrec(*args):
-    return subprocess.run([str(ILLMREC), *map(str, args)], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="module")
