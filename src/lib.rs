@@ -9,8 +9,9 @@
 //! - [`prompt`]: the reference prompt;
 //! - [`item_vectors`]: the cached catalog side of scoring;
 //! - [`eval`]: the evaluation protocol (HR@k, NDCG@k, reference rankers);
+//! - [`rank`]: top-k selection over scored ids (pure);
 //! - [`recommender`]: everything together;
-//! - [`npy`], [`fsutil`]: file helpers.
+//! - [`npy`], [`jsonl`], [`fsutil`]: file helpers.
 
 pub mod bank;
 pub mod bundle;
@@ -19,7 +20,9 @@ pub mod eval;
 pub mod fsutil;
 pub mod heads;
 pub mod item_vectors;
+pub mod jsonl;
 pub mod llm;
 pub mod npy;
 pub mod prompt;
+pub mod rank;
 pub mod recommender;

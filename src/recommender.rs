@@ -11,6 +11,8 @@ use crate::heads::Heads;
 use crate::item_vectors::ItemVectors;
 use crate::llm::{Context, ContextOptions, GgufInfo, Input, Model, ModelOptions, Token};
 use crate::prompt::{self, ItemBody, PromptItem, PromptStyle, Segment};
+use crate::rank;
+pub use crate::rank::Scored;
 use anyhow::{bail, ensure, Context as _, Result};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -74,12 +76,6 @@ pub struct UserVector {
     pub dropped_for_context: usize,
     /// Positions in the prompt (tokens plus injected vectors).
     pub prompt_positions: usize,
-}
-
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Scored {
-    pub id: u64,
-    pub score: f32,
 }
 
 pub struct Recommender {
@@ -278,8 +274,8 @@ impl Recommender {
             .collect()
     }
 
-    /// The `k` best items, from `candidates` or the whole catalog, skipping `exclude`. Ties keep
-    /// the lower id first, so output is deterministic.
+    /// The `k` best items, from `candidates` or the whole catalog, skipping `exclude` (see
+    /// [`rank::top_k`] for the order and the handling of duplicates and non-finite scores).
     pub fn top_k(
         &self,
         user: &UserVector,
@@ -287,27 +283,18 @@ impl Recommender {
         candidates: Option<&[u64]>,
         exclude: &HashSet<u64>,
     ) -> Result<Vec<Scored>> {
-        let mut scored: Vec<Scored> = match candidates {
-            Some(ids) => ids
-                .iter()
-                .filter(|id| !exclude.contains(id))
-                .zip(self.score_items(user, ids)?)
-                .filter_map(|(&id, s)| s.map(|score| Scored { id, score }))
-                .collect(),
-            None => (0..self.items.len())
-                .filter(|&i| !exclude.contains(&self.items.ids()[i]))
-                .filter_map(|i| {
-                    self.items.score(&user.vectors, i).map(|score| Scored {
-                        id: self.items.ids()[i],
-                        score,
-                    })
-                })
-                .collect(),
-        };
-        scored.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-        scored.dedup_by_key(|s| s.id);
-        scored.truncate(k);
-        Ok(scored)
+        Ok(match candidates {
+            Some(ids) => {
+                let scores = self.score_items(user, ids)?;
+                rank::top_k(ids.iter().copied().zip(scores), exclude, k)?
+            }
+            None => rank::top_k(
+                (0..self.items.len())
+                    .map(|i| (self.items.ids()[i], self.items.score(&user.vectors, i))),
+                exclude,
+                k,
+            )?,
+        })
     }
 }
 

@@ -403,3 +403,98 @@ fn heads_for_another_llm_or_other_features_are_refused() {
         "'f_i_text.mlp.0.weight' has shape [64, 20] but the text bank's features are 24-d",
     );
 }
+
+/// Scores by id from a `recommend --json` or a `score` output line.
+fn scores_by_id(json: &serde_json::Value) -> std::collections::BTreeMap<u64, f64> {
+    json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["id"].as_u64().unwrap(), i["score"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Candidates that overlap the history, at the start, in the middle and at the end: every kept
+/// candidate carries the same score with and without `--include-seen`, in `recommend` and in
+/// `score` (the bug this guards against paired filtered ids with unfiltered scores).
+#[test]
+fn candidate_scores_do_not_depend_on_excluded_candidates() {
+    let history = ids(&[0, 1, 2]);
+    let cases = [
+        ids(&[0, 10, 1, 11]),      // seen at the start and in the middle
+        ids(&[12, 13, 2]),         // seen at the end
+        ids(&[14, 1, 15, 0, 16]),  // seen in the middle, twice
+        ids(&[17, 17, 18, 2, 19]), // a duplicate and a seen one
+    ];
+    let bundle = bundle();
+    for candidates in &cases {
+        let run = |extra: &[&str]| -> serde_json::Value {
+            let mut args = vec![
+                "recommend",
+                "--bundle",
+                &bundle,
+                "--history",
+                &history,
+                "--candidates",
+                candidates,
+                "--json",
+            ];
+            args.extend_from_slice(extra);
+            serde_json::from_str(&illmrec_ok(&args)).unwrap()
+        };
+        let all = scores_by_id(&run(&["--include-seen"]));
+        let unseen = scores_by_id(&run(&[]));
+        let seen: Vec<u64> = history.split(',').map(|s| s.parse().unwrap()).collect();
+        assert!(unseen.keys().all(|id| !seen.contains(id)));
+        assert_eq!(
+            unseen.len(),
+            all.keys().filter(|id| !seen.contains(id)).count(),
+            "{candidates}"
+        );
+        for (id, s) in &unseen {
+            assert_eq!(all[id], *s, "item {id} of {candidates}: score changed");
+        }
+    }
+
+    // The same through `score`, one line per case.
+    let dir = &setup().0;
+    let input = dir.join("overlap.jsonl");
+    let text: String = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!("{{\"user\": {i}, \"history\": [{history}], \"candidates\": [{c}]}}\n")
+        })
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let run = |extra: &[&str], name: &str| -> Vec<serde_json::Value> {
+        let output = dir.join(name);
+        let mut args = vec![
+            "score".to_string(),
+            "--bundle".into(),
+            bundle.clone(),
+            "--input".into(),
+            input.to_string_lossy().into_owned(),
+            "--output".into(),
+            output.to_string_lossy().into_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        illmrec_ok(&args);
+        std::fs::read_to_string(&output)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let all = run(&["--include-seen"], "overlap-all.jsonl");
+    let unseen = run(&[], "overlap-unseen.jsonl");
+    assert_eq!(all.len(), cases.len());
+    for (a, u) in all.iter().zip(&unseen) {
+        let (a, u) = (scores_by_id(a), scores_by_id(u));
+        assert!(!u.is_empty());
+        for (id, s) in &u {
+            assert_eq!(a[id], *s, "score line: item {id} changed");
+        }
+    }
+}

@@ -1,11 +1,46 @@
 #!/usr/bin/env bash
-# Installs what building illmrec needs on Debian/Ubuntu beyond Rust and Python 3: cmake (for
-# llama.cpp) and libclang-dev (for the bindings). Does nothing when both are present.
+# Installs what building illmrec needs on Debian/Ubuntu beyond Rust and Python 3: cmake (llama.cpp),
+# libclang-dev (bindgen, for llama-cpp-sys-2's bindings: it loads libclang.so and needs clang's
+# builtin headers, which libclang-dev pulls in) and a C/C++ toolchain. Does nothing when all are present.
+#
+# Detection asks dpkg which packages are installed, never a file glob: a glob such as libclang*.so*
+# matches libclang-cpp.so.14 (the C++ interface library, preinstalled on some images), which is not
+# the library bindgen loads. On a system without dpkg it looks for the exact files bindgen loads.
+#
+#   --check   print the packages that would be installed (one line, empty when none) and exit 0
+# ILLMREC_PREREQ_ROOT (default /) points the detection at another filesystem root; the test suite
+# uses it with a fake root and dpkg database (tools/tests/test_install_prereqs.py).
 set -euo pipefail
+root=${ILLMREC_PREREQ_ROOT:-/}
+root=${root%/}
+
+installed() { # installed PKG: dpkg says "install ok installed"
+  dpkg-query --admindir="$root/var/lib/dpkg" -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'
+}
+has_dpkg() { command -v dpkg-query >/dev/null && [ -f "$root/var/lib/dpkg/status" ]; }
+on_path() { [ -z "$root" ] && command -v "$1" >/dev/null; }
+libclang_files() { # the names clang-sys searches for, excluding libclang-cpp (another library)
+  compgen -G "$root/usr/lib/llvm-*/lib/libclang.so*" >/dev/null ||
+    compgen -G "$root/usr/lib/llvm-*/lib/libclang-[0-9]*.so*" >/dev/null ||
+    compgen -G "$root/usr/lib/*/libclang.so*" >/dev/null ||
+    compgen -G "$root/usr/lib/*/libclang-[0-9]*.so*" >/dev/null
+}
+
 missing=()
-command -v cmake >/dev/null || missing+=(cmake)
-ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
-command -v c++ >/dev/null || missing+=(build-essential)
+if has_dpkg; then
+  installed cmake || on_path cmake || missing+=(cmake)
+  installed libclang-dev || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
+  installed build-essential || { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+else
+  on_path cmake || missing+=(cmake)
+  libclang_files || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
+  { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+fi
+
+if [ "${1:-}" = --check ]; then
+  echo "${missing[*]}"
+  exit 0
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   echo "build prerequisites present"
   exit 0
