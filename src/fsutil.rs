@@ -1,4 +1,4 @@
-//! Small filesystem helpers: atomic writes and hashing.
+//! Small filesystem helpers: atomic writes, opening input files safely, and hashing.
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -60,4 +60,28 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Opens an input file for reading, refusing anything but a regular file (a directory, a FIFO
+/// that would block forever, a device) with a message that names the path.
+pub fn open_regular(path: &Path) -> Result<File> {
+    check_regular(path)?;
+    File::open(path).with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Fails unless `path` (after following symlinks) is a regular file.
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    anyhow::ensure!(
+        !meta.is_dir(),
+        "{} is a directory, not a file",
+        path.display()
+    );
+    anyhow::ensure!(
+        meta.is_file(),
+        "{} is not a regular file (a FIFO, socket or device cannot be read as input)",
+        path.display()
+    );
+    Ok(())
 }

@@ -165,3 +165,105 @@ fn encode(descr: &str, shape: &str, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(payload);
     out
 }
+
+/// Appends f32 rows of a 2-D `.npy` file that is written over several runs: rows go to
+/// `<out>.partial` (a complete `.npy` header for the final row count, then the rows so far) and
+/// the file is renamed to `out` when the last row is in. A run killed at any point leaves every
+/// row it synced; [`RowWriter::open`] on the same `out`, row count and width continues after the
+/// last whole row (a torn row is cut off).
+pub struct RowWriter {
+    file: std::fs::File,
+    partial: std::path::PathBuf,
+    out: std::path::PathBuf,
+    rows: usize,
+    cols: usize,
+    done: usize,
+    header_len: u64,
+}
+
+impl RowWriter {
+    /// Opens or resumes `out` for `rows` × `cols` values. `resume: false` starts over.
+    pub fn open(out: &Path, rows: usize, cols: usize, resume: bool) -> Result<Self> {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut name = out
+            .file_name()
+            .with_context(|| format!("{} is not a file path", out.display()))?
+            .to_os_string();
+        name.push(".partial");
+        let partial = out.with_file_name(name);
+        let header = encode("<f4", &format!("({rows}, {cols})"), &[]);
+        let row_bytes = (cols * 4) as u64;
+        let existing = resume
+            .then(|| std::fs::read(&partial).ok())
+            .flatten()
+            .filter(|b| b.len() >= header.len() && b[..header.len()] == header[..]);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(existing.is_none())
+            .open(&partial)
+            .with_context(|| format!("cannot open {}", partial.display()))?;
+        let done = match existing {
+            Some(bytes) => ((bytes.len() - header.len()) as u64 / row_bytes) as usize,
+            None => {
+                file.write_all(&header)?;
+                0
+            }
+        };
+        let done = done.min(rows);
+        let end = header.len() as u64 + done as u64 * row_bytes;
+        file.set_len(end)?;
+        file.seek(SeekFrom::Start(end))?;
+        Ok(Self {
+            file,
+            partial,
+            out: out.to_path_buf(),
+            rows,
+            cols,
+            done,
+            header_len: header.len() as u64,
+        })
+    }
+
+    /// Rows already written (by this run or an earlier one).
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    pub fn push(&mut self, row: &[f32]) -> Result<()> {
+        use std::io::Write;
+        anyhow::ensure!(
+            row.len() == self.cols,
+            "row has {} values, expected {}",
+            row.len(),
+            self.cols
+        );
+        anyhow::ensure!(self.done < self.rows, "all {} rows are written", self.rows);
+        let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.file.write_all(&bytes)?;
+        self.done += 1;
+        Ok(())
+    }
+
+    /// Makes the rows written so far durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// Syncs and, when every row is in, moves the file to its final name; returns whether it did.
+    pub fn finish(mut self) -> Result<bool> {
+        self.sync()?;
+        if self.done < self.rows {
+            return Ok(false);
+        }
+        debug_assert_eq!(
+            self.file.metadata()?.len(),
+            self.header_len + (self.rows * self.cols * 4) as u64
+        );
+        std::fs::rename(&self.partial, &self.out)
+            .with_context(|| format!("cannot move {} into place", self.out.display()))?;
+        Ok(true)
+    }
+}

@@ -3,6 +3,7 @@
 mod bank_cmd;
 mod bench;
 mod bundle_cmd;
+mod embed;
 mod eval_cmd;
 mod prompt_cmd;
 mod recommend;
@@ -32,6 +33,8 @@ enum Command {
     Recommend(recommend::RecommendArgs),
     /// Score many users from a JSON-lines file.
     Score(score::ScoreArgs),
+    /// Write the `[REC]` hidden state (and user vectors) of every history in a file to .npy.
+    Embed(embed::EmbedArgs),
     /// Show the exact prompt (text, tokens, injected positions) for a history.
     Prompt(prompt_cmd::PromptArgs),
     /// Evaluate a bundle (or a reference ranker) on a prepared dataset: HR@k, NDCG@k, MRR.
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Recommend(a) => recommend::run(a),
         Command::Score(a) => score::run(a),
+        Command::Embed(a) => embed::run(a),
         Command::Prompt(a) => prompt_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
         Command::Bank(c) => bank_cmd::run(c),

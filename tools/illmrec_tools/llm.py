@@ -38,10 +38,17 @@ def load_llm(gguf=DEFAULT_GGUF, cache=None):
     return model, tok
 
 
+_ENCODED = {}
+
+
 def encode(tok, text, bos=False):
-    """Token ids as llama.cpp's tokenizer gives them: no special-token parsing, optional BOS."""
-    ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return [tok.bos_token_id] + ids if bos else ids
+    """Token ids as llama.cpp's tokenizer gives them: no special-token parsing, optional BOS.
+    Memoized per (tokenizer, text): training re-tokenizes the same item texts every epoch."""
+    key = (id(tok), text)
+    ids = _ENCODED.get(key)
+    if ids is None:
+        ids = _ENCODED[key] = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [tok.bos_token_id] + ids if bos else list(ids)
 
 
 def description(tok, item):

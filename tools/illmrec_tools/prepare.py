@@ -133,18 +133,33 @@ def load_ml_latest_small(src):
 LOADERS = {"ml100k": load_ml100k, "ml-latest-small": load_ml_latest_small}
 
 
-def build_sequences(ratings, min_item_ratings=0, max_users=None):
-    """{user: [item, ...]} ordered by time, ties broken by item id; users with < MIN_SEQUENCE dropped."""
+TIES = ("shuffle", "file", "id")
+
+
+def build_sequences(ratings, min_item_ratings=0, max_users=None, ties="shuffle", seed=42):
+    """{user: [item, ...]} ordered by time; users with < MIN_SEQUENCE dropped.
+
+    Events with the same timestamp (ML-100K users often rate many movies in one second) are
+    ordered by `ties`: "shuffle" (default) a seeded random order, "file" the source file's order
+    (a stable sort by time, as the usual loaders do), "id" ascending item id (this project's
+    policy before 2026-11-27; it makes the highest id of a tie the test target, and ML-100K's
+    ids correlate with popularity, so it biases targets toward rare items)."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, not {ties!r}")
     if max_users is not None:
         keep = set(sorted({u for u, _, _ in ratings})[:max_users])
         ratings = [r for r in ratings if r[0] in keep]
     if min_item_ratings > 0:
         counts = Counter(i for _, i, _ in ratings)
         ratings = [r for r in ratings if counts[r[1]] >= min_item_ratings]
+    if ties == "shuffle":
+        tie_key = np.random.Generator(np.random.PCG64([seed, 7])).permutation(len(ratings)).tolist()
     by_user = defaultdict(list)
-    for user, item, time in ratings:
-        by_user[user].append((time, item))
-    return {u: [i for _, i in sorted(events)] for u, events in sorted(by_user.items()) if len(events) >= MIN_SEQUENCE}
+    for n, (user, item, time) in enumerate(ratings):
+        key = item if ties == "id" else tie_key[n] if ties == "shuffle" else n
+        by_user[user].append((time, key, item))
+    return {u: [i for _, _, i in sorted(events)] for u, events in sorted(by_user.items())
+            if len(events) >= MIN_SEQUENCE}
 
 
 def draw_negatives(rng, all_items, seen, n=N_NEGATIVES):
@@ -162,13 +177,13 @@ def _relative(path):
     return None if path is None else os.path.relpath(Path(path).resolve(), REPO_ROOT)
 
 
-def prepare(dataset, src, out, seed=42, min_item_ratings=0, max_users=None):
+def prepare(dataset, src, out, seed=42, min_item_ratings=0, max_users=None, ties="shuffle"):
     """Writes the dataset folder `out`; returns the dataset.json dict."""
     ratings, items = LOADERS[dataset](src)
     unknown = sorted({i for _, i, _ in ratings} - items.keys())
     if unknown:
         raise DataError(f"{src}: ratings refer to {len(unknown)} unknown items, e.g. {unknown[:5]}")
-    sequences = build_sequences(ratings, min_item_ratings, max_users)
+    sequences = build_sequences(ratings, min_item_ratings, max_users, ties, seed)
     item_ids = sorted({i for seq in sequences.values() for i in seq})  # only items that occur
 
     # Users in ascending id order; per user the valid draw, then the test draw.
@@ -196,6 +211,7 @@ def prepare(dataset, src, out, seed=42, min_item_ratings=0, max_users=None):
         "name": out.name,
         "source": Path(src).resolve().name,
         "seed": seed,
+        "ties": ties,
         "n_users": len(sequences),
         "n_items": len(item_ids),
         "n_interactions": sum(len(s) for s in sequences.values()),
@@ -217,9 +233,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--min-item-ratings", type=int, default=0, help="keep only items with at least N ratings")
     p.add_argument("--max-users", type=int, help="keep only the first N users by id (small slices for tests)")
+    p.add_argument("--ties", choices=TIES, default="shuffle",
+                   help="order of events with the same timestamp: seeded shuffle (default), source file "
+                        "order, or ascending item id")
     a = p.parse_args(argv)
     try:
-        meta = prepare(a.dataset, a.src, a.out, a.seed, a.min_item_ratings, a.max_users)
+        meta = prepare(a.dataset, a.src, a.out, a.seed, a.min_item_ratings, a.max_users, a.ties)
     except DataError as e:
         sys.exit(f"prepare: error: {e}")
     print(f"prepare: wrote {a.out}: {meta['n_users']} users, {meta['n_items']} items, "

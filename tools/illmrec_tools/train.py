@@ -93,7 +93,7 @@ def read_jsonl(path):
 
 
 class Data:
-    def __init__(self, root):
+    def __init__(self, root, device="cpu"):
         self.root = Path(root)
         self.items = {it["id"]: it for it in read_jsonl(self.root / "items.jsonl")}
         self.ids = np.array(sorted(self.items))
@@ -101,7 +101,7 @@ class Data:
         for m, f in FEATURE_FILES.items():
             x = np.load(self.root / "features" / f"{f}.npy")
             ids = np.load(self.root / "features" / f"{f}.ids.npy")
-            self.feats[m] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            self.feats[m] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
             self.row[m] = {int(i): k for k, i in enumerate(ids)}
         self.train = [r["items"] for r in read_jsonl(self.root / "train.jsonl") if len(r["items"]) >= 2]
 
@@ -111,8 +111,9 @@ class Data:
     def rows(self, m, ids):
         """Feature rows of `ids` for modality m (zeros where missing) and the presence mask."""
         r = [self.row[m].get(i, -1) for i in ids]
-        mask = torch.tensor([k >= 0 for k in r])
-        return self.feats[m][torch.tensor([max(k, 0) for k in r])], mask
+        dev = self.feats[m].device
+        mask = torch.tensor([k >= 0 for k in r], device=dev)
+        return self.feats[m][torch.tensor([max(k, 0) for k in r], device=dev)], mask
 
 
 def epoch_samples(data, seed, epoch, style_types):
@@ -159,6 +160,11 @@ class Trainer:
     def __init__(self, model, tok, data, rec, style, cache_prefix=True):
         self.model, self.tok, self.data, self.rec, self.style = model, tok, data, rec, style
         self.embed = model.model.embed_tokens  # scales by sqrt(640) itself
+        self.dev = self.embed.weight.device
+        # Rows of the LM head that are all zero (a vocabulary-pruned model, used to move the model
+        # to a machine with little transfer room) are left out of the ILA softmax.
+        self.vocab_mask = (model.lm_head.weight == 0).all(1)
+        self.vocab_mask = self.vocab_mask if self.vocab_mask.any() else None
         self.ila_head = f"{SYSTEM} USER: "
         self.ire_prefix, self.ila_prefix, self.caches = [], [], None
         if cache_prefix:
@@ -170,13 +176,13 @@ class Trainer:
 
     @torch.no_grad()
     def prefix_cache(self, ids):
-        return self.model.model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+        return self.model.model(input_ids=torch.tensor([ids], device=self.dev), use_cache=True).past_key_values
 
     def embed_prompt(self, ids, markers, prefix):
         """Input embeddings after the cached prefix: token rows, adaptor outputs, rec_token."""
         assert ids[:len(prefix)] == prefix, "prompt does not start with the cached prefix"
         ids, markers = ids[len(prefix):], markers[len(prefix):]
-        e = self.embed(torch.tensor([0 if i is None else i for i in ids]))
+        e = self.embed(torch.tensor([0 if i is None else i for i in ids], device=self.dev))
         pos = [k for k, mk in enumerate(markers) if mk is not None]
         if not pos:
             return e
@@ -187,7 +193,7 @@ class Trainer:
                 vecs.append(self.rec.rec_token[0])
             else:
                 vecs.append(self.rec.adapt(self.data.rows("img", [mk[1]])[0][0]))
-        return e.index_put((torch.tensor(pos),), torch.stack(vecs))
+        return e.index_put((torch.tensor(pos, device=self.dev),), torch.stack(vecs).to(e.dtype))
 
     def run_llm(self, embeds, cache):
         """Right-padded batch after the cached prefix (causal attention: padding never reaches a
@@ -207,7 +213,8 @@ class Trainer:
                                                   self.data.has_image))
             embeds.append(self.embed_prompt(ids, mk, self.ire_prefix))
         h = self.run_llm(embeds, "ire")
-        h = h[torch.arange(len(batch)), torch.tensor([len(e) - 1 for e in embeds])]
+        h = h[torch.arange(len(batch), device=self.dev), torch.tensor([len(e) - 1 for e in embeds], device=self.dev)]
+        h = h.float()
         bce = nn.functional.binary_cross_entropy_with_logits
         total = 0.0
         for m in MODALITIES:
@@ -233,19 +240,22 @@ class Trainer:
                 value = self.tok.decode(encode(self.tok, value)[:64])
             ans = encode(self.tok, f" {ANSWERS[s['qtype']]}'{value}'") + [self.tok.eos_token_id]
             e = self.embed_prompt(ids, mk, self.ila_prefix)
-            embeds.append(torch.cat([e, self.embed(torch.tensor(ans))]))
+            embeds.append(torch.cat([e, self.embed(torch.tensor(ans, device=self.dev)).to(e.dtype)]))
             targets.append((len(e), ans))
         h = self.run_llm(embeds, "ila")
         rows = torch.cat([h[b, start - 1:start - 1 + len(ans)] for b, (start, ans) in enumerate(targets)])
-        labels = torch.tensor([t for _, ans in targets for t in ans])
-        return nn.functional.cross_entropy(self.model.lm_head(rows), labels)
+        labels = torch.tensor([t for _, ans in targets for t in ans], device=self.dev)
+        logits = self.model.lm_head(rows).float()
+        if self.vocab_mask is not None:
+            logits = logits.masked_fill(self.vocab_mask, float("-inf"))
+        return nn.functional.cross_entropy(logits, labels)
 
 
 def export(rec, cfg_extra, out, dtype):
     """heads.safetensors (runtime key names, [out, in] weights) + heads.json."""
     dt = torch.float16 if dtype == "f16" else torch.float32
     with atomic_write(out / "heads.safetensors", "wb") as f:
-        f.write(save({k: v.detach().to(dt).contiguous() for k, v in rec.state_dict().items()}))
+        f.write(save({k: v.detach().cpu().to(dt).contiguous() for k, v in rec.state_dict().items()}))
     write_json(out / "heads.json", cfg_extra)
 
 
@@ -265,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, help="stop (checkpoint + export) after this long")
     ap.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="exported heads")
     ap.add_argument("--model", type=Path, default=DEFAULT_GGUF)
+    ap.add_argument("--device", default="cpu", help="torch device (cuda for a GPU)")
+    ap.add_argument("--bf16", action="store_true", help="run the LLM under bf16 autocast")
     ap.add_argument("--train-token-embeddings", action="store_true",
                     help="also train the LLM's input embedding table (reference: train_token_emb); the export "
                          "writes it into OUT/model.gguf, a copy of --model (table stored as --dtype)")
@@ -273,12 +285,13 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
-    data = Data(a.dataset)
+    data = Data(a.dataset, a.device)
     model, tok = load_llm(a.model)
+    model.to(a.device)
     llm_dim = model.config.hidden_size
     item_dims = {m: data.feats[m].shape[1] for m in MODALITIES}
     image_dim = item_dims["img"] if a.prompt_style == "image" else None
-    rec = RecModule(llm_dim, item_dims, image_dim)
+    rec = RecModule(llm_dim, item_dims, image_dim).to(a.device)
     table = make_token_table_trainable(model) if a.train_token_embeddings else None
     trainer = Trainer(model, tok, data, rec, a.prompt_style, cache_prefix=table is None)
     qtypes = ["title", "genres"] + (["description"] if a.prompt_style != "title" else [])
@@ -293,7 +306,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     ckpt, step, history, seconds_before = a.out / "ckpt.pt", 0, [], 0.0
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location=a.device)
         if st["total"] != total or st["style"] != a.prompt_style or ("table" in st) != (table is not None):
             raise SystemExit(f"train: {ckpt} is from other settings (steps, prompt style or "
                              f"--train-token-embeddings); use another --out")
@@ -328,7 +341,8 @@ def main(argv=None):
         if samples is None or samples[0] != epoch:
             samples = (epoch, epoch_samples(data, a.seed, epoch, qtypes))
         batch = samples[1][k * a.batch_size:(k + 1) * a.batch_size]
-        ire, ila = trainer.ire_loss(batch), trainer.ila_loss(batch)
+        with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
+            ire, ila = trainer.ire_loss(batch), trainer.ila_loss(batch)
         opt.zero_grad()
         (ire + ila).backward()
         opt.step()

@@ -74,19 +74,37 @@ def test_leave_one_out(out):
         assert (te["history"], te["target"]) == (seq[:-1], seq[-1])
 
 
-def test_time_order_ties_by_item_id(out):
+def test_time_order_and_tie_policies(out, tmp_path):
+    """Default (seeded shuffle): time order, and within a timestamp the same item set in an order
+    that is neither forced to ascending id nor different between runs. "file" keeps the source
+    order (a stable sort by time), "id" sorts ties by item id."""
     dataset, path = out
     sequences = {s["user"]: s["items"] for s in read_jsonl(path / "sequences.jsonl")}
     rows = raw_ratings(dataset, set(sequences))
     ties = 0
     for user, seq in sequences.items():
         events = sorted((t, i) for u, i, t in rows if u == user)
-        assert seq == [i for _, i in events]
+        time = {i: t for t, i in events}
+        assert sorted(seq, key=lambda i: time[i]) == seq, "time order"
+        assert sorted(seq) == sorted(i for _, i in events)
         ties += sum(a[0] == b[0] for a, b in zip(events, events[1:]))
     assert ties > 0  # the slice really exercises the tie-break
     meta = json.loads((path / "dataset.json").read_text())
     assert meta["n_interactions"] == len(rows) == sum(map(len, sequences.values()))
     assert meta["n_users"] == len(sequences) and meta["n_negatives"] == N_NEGATIVES
+    assert meta["ties"] == "shuffle"
+
+    src, max_users = SLICES[dataset]
+    by_policy = {"shuffle": sequences}
+    for ties_ in ("id", "file"):
+        prepare(dataset, src, tmp_path / ties_, seed=42, max_users=max_users, ties=ties_)
+        by_policy[ties_] = {s["user"]: s["items"] for s in read_jsonl(tmp_path / ties_ / "sequences.jsonl")}
+    for user in sequences:
+        user_rows = [(t, i) for u, i, t in rows if u == user]
+        assert by_policy["id"][user] == [i for _, i in sorted(user_rows)]
+        assert by_policy["file"][user] == [i for _, i in sorted(user_rows, key=lambda r: r[0])]
+    if dataset == "ml100k":  # u.data is not sorted by item: each policy orders some tie differently
+        assert by_policy["shuffle"] != by_policy["id"] and by_policy["file"] != by_policy["id"]
 
 
 def test_missing_posters_listed(out):
