@@ -26,6 +26,10 @@ pub type Token = i32;
 const PREFIX_SEQ: i32 = 0;
 /// The sequence a request is decoded on.
 const WORK_SEQ: i32 = 1;
+/// Branches of one request (see [`Context::branch_hidden`]) use sequences from here on.
+const FIRST_BRANCH_SEQ: i32 = 2;
+/// Most branches decoded together (each is one sequence and one output row).
+pub const MAX_BRANCHES: usize = 16;
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 
@@ -423,6 +427,14 @@ pub enum Input<'a> {
     Embedding(&'a [f32]),
 }
 
+/// One position of a batch: its input, sequence and position.
+#[derive(Clone, Copy)]
+struct Entry<'a> {
+    input: Input<'a>,
+    seq: i32,
+    pos: usize,
+}
+
 /// An inference context with a KV cache. Holds at most one cached prefix (on its own sequence)
 /// that requests starting with the same tokens reuse.
 pub struct Context {
@@ -446,10 +458,11 @@ impl Context {
             p.n_ctx = opts.n_ctx;
             p.n_batch = n_batch;
             p.n_ubatch = n_batch;
-            p.n_seq_max = 2;
-            // Only the last position of a request is ever an output: keep the output buffer
-            // (n_vocab floats per row) tiny instead of the default n_batch rows.
-            p.n_outputs_max = 4;
+            p.n_seq_max = FIRST_BRANCH_SEQ as u32 + MAX_BRANCHES as u32;
+            // Only the last position of a request (or of each branch) is ever an output: keep the
+            // output buffer (n_vocab floats per row) small instead of the default n_batch rows.
+            // llama.cpp reserves at least n_seq_max output rows.
+            p.n_outputs_max = p.n_seq_max;
             p.n_threads = opts.n_threads;
             p.n_threads_batch = opts.n_threads;
             p.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
@@ -521,22 +534,8 @@ impl Context {
     /// rest is decoded in the same batches, so both paths compute the same thing.
     pub fn last_hidden(&mut self, inputs: &[Input], reuse_prefix: bool) -> Result<Vec<f32>> {
         ensure!(!inputs.is_empty(), "empty input");
-        let n_embd = self.model.n_embd();
         for input in inputs {
-            match input {
-                Input::Token(t) => self.model.check_tokens(&[*t])?,
-                Input::Embedding(v) => {
-                    ensure!(
-                        v.len() == n_embd,
-                        "injected vector has {} values, the model's n_embd is {n_embd}",
-                        v.len()
-                    );
-                    ensure!(
-                        v.iter().all(|x| x.is_finite()),
-                        "injected vector contains NaN or infinity"
-                    );
-                }
-            }
+            self.check_input(input)?;
         }
         let shared = self.shared_prefix_len(inputs);
         let needed = self.prefix.len() + inputs.len() - if reuse_prefix { shared } else { 0 };
@@ -585,6 +584,135 @@ impl Context {
         n.min(inputs.len() - 1)
     }
 
+    /// Final hidden states at the end of several inputs that share a start, decoding the shared
+    /// part once: `shared` is decoded (after the cached prefix, as in [`Context::last_hidden`]),
+    /// then branch k continues from the first `cut_k` positions of `shared` with its own `suffix_k`
+    /// (on a sequence of its own that shares those KV cells), all branches' suffixes in the same
+    /// batches. Returns one hidden state per branch, at its last position. Up to
+    /// [`MAX_BRANCHES`] branches; `0 < cut_k <= shared.len()` and every suffix is non-empty.
+    ///
+    /// This is how a window of history items yields the states of all its prefixes for the price
+    /// of one prompt plus the closing text per prefix, and how a kiosk session extends its history.
+    pub fn branch_hidden(
+        &mut self,
+        shared: &[Input],
+        branches: &[(usize, Vec<Input>)],
+        reuse_prefix: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        ensure!(!shared.is_empty(), "empty input");
+        ensure!(
+            !branches.is_empty() && branches.len() <= MAX_BRANCHES,
+            "between 1 and {MAX_BRANCHES} branches, not {}",
+            branches.len()
+        );
+        for (cut, suffix) in branches {
+            ensure!(
+                *cut >= 1 && *cut <= shared.len() && !suffix.is_empty(),
+                "branch cut {cut} outside 1..={} or empty suffix",
+                shared.len()
+            );
+        }
+        for input in shared
+            .iter()
+            .chain(branches.iter().flat_map(|(_, s)| s.iter()))
+        {
+            self.check_input(input)?;
+        }
+        let shared_prefix = self.shared_prefix_len(shared);
+        let longest = branches.iter().map(|(c, s)| c + s.len()).max().unwrap_or(0);
+        let suffixes: usize = branches.iter().map(|(_, s)| s.len()).sum();
+        let needed = self.prefix.len() + shared.len() + suffixes
+            - if reuse_prefix { shared_prefix } else { 0 };
+        ensure!(
+            needed <= self.n_ctx && longest <= self.n_ctx,
+            "{} branches of up to {longest} positions need {needed} KV cells, the context has {}; raise --ctx",
+            branches.len(),
+            self.n_ctx
+        );
+        let mem = self.memory();
+        let seqs = FIRST_BRANCH_SEQ..FIRST_BRANCH_SEQ + branches.len() as i32;
+        // SAFETY: valid memory handle and sequence ids below n_seq_max.
+        unsafe {
+            for s in std::iter::once(WORK_SEQ).chain(seqs.clone()) {
+                sys::llama_memory_seq_rm(mem, s, -1, -1);
+            }
+            if reuse_prefix && shared_prefix > 0 {
+                sys::llama_memory_seq_cp(mem, PREFIX_SEQ, WORK_SEQ, 0, shared_prefix as i32);
+            }
+        }
+        let result = (|| {
+            let start = if reuse_prefix { shared_prefix } else { 0 };
+            // The shared part, up to the longest cut (what no branch uses is not decoded).
+            let shared_end = branches.iter().map(|(c, _)| *c).max().unwrap_or(0);
+            self.decode(
+                &shared[start.min(shared_end)..shared_end],
+                WORK_SEQ,
+                start.min(shared_end),
+                false,
+            )?;
+            for (seq, (cut, _)) in seqs.clone().zip(branches) {
+                // SAFETY: as above.
+                unsafe { sys::llama_memory_seq_cp(mem, WORK_SEQ, seq, 0, *cut as i32) };
+            }
+            let body: Vec<Entry> = seqs
+                .clone()
+                .zip(branches)
+                .flat_map(|(seq, (cut, suffix))| {
+                    suffix[..suffix.len() - 1]
+                        .iter()
+                        .enumerate()
+                        .map(move |(j, &input)| Entry {
+                            input,
+                            seq,
+                            pos: cut + j,
+                        })
+                })
+                .collect();
+            self.decode_entries(&body, false)?;
+            let last: Vec<Entry> = seqs
+                .clone()
+                .zip(branches)
+                .map(|(seq, (cut, suffix))| Entry {
+                    input: suffix[suffix.len() - 1],
+                    seq,
+                    pos: cut + suffix.len() - 1,
+                })
+                .collect();
+            self.decode_entries(&last, true)
+        })();
+        // SAFETY: as above; frees the request's cells whatever happened.
+        unsafe {
+            for s in std::iter::once(WORK_SEQ).chain(seqs) {
+                sys::llama_memory_seq_rm(mem, s, -1, -1);
+            }
+        }
+        let hidden = result?;
+        ensure!(
+            hidden.iter().flatten().all(|x| x.is_finite()),
+            "the model produced a non-finite hidden state"
+        );
+        Ok(hidden)
+    }
+
+    fn check_input(&self, input: &Input) -> Result<()> {
+        match input {
+            Input::Token(t) => self.model.check_tokens(&[*t]),
+            Input::Embedding(v) => {
+                let n_embd = self.model.n_embd();
+                ensure!(
+                    v.len() == n_embd,
+                    "injected vector has {} values, the model's n_embd is {n_embd}",
+                    v.len()
+                );
+                ensure!(
+                    v.iter().all(|x| x.is_finite()),
+                    "injected vector contains NaN or infinity"
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// Decodes `inputs` at positions `pos0..` on `seq`, in calls of at most n_batch positions.
     /// With `output`, `inputs` must be a single position whose hidden state is returned.
     fn decode(
@@ -594,33 +722,52 @@ impl Context {
         pos0: usize,
         output: bool,
     ) -> Result<Option<Vec<f32>>> {
-        if inputs.is_empty() {
-            return Ok(None);
-        }
         debug_assert!(!output || inputs.len() == 1);
+        let entries: Vec<Entry> = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, &input)| Entry {
+                input,
+                seq,
+                pos: pos0 + k,
+            })
+            .collect();
+        Ok(self.decode_entries(&entries, output)?.pop())
+    }
+
+    /// Decodes entries (any mix of sequences), in calls of at most n_batch positions. With
+    /// `output`, every entry is an output (at most [`MAX_BRANCHES`], in one call) and their
+    /// hidden states are returned in order.
+    fn decode_entries(&mut self, entries: &[Entry], output: bool) -> Result<Vec<Vec<f32>>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        debug_assert!(!output || entries.len() <= MAX_BRANCHES.min(self.n_batch));
         let n_embd = self.model.n_embd();
         let ctx = self.raw.as_ptr();
-        for (chunk_index, chunk) in inputs.chunks(self.n_batch).enumerate() {
-            let first_pos = pos0 + chunk_index * self.n_batch;
+        let mut rows = Vec::new();
+        for chunk in entries.chunks(self.n_batch) {
             // SAFETY: the batch is created for this context, filled within n_batch entries with
-            // checked tokens and n_embd-long vectors (copied by llama.cpp), and freed below.
+            // checked tokens and n_embd-long vectors (copied by llama.cpp), and freed below; the
+            // output rows are read while the batch's results are current.
             let status = unsafe {
                 let batch = sys::llama_batch_ext_init(ctx);
                 ensure!(!batch.is_null(), "cannot allocate a batch");
                 let mut fill_error = None;
-                for (k, input) in chunk.iter().enumerate() {
-                    let idx = match input {
-                        Input::Token(t) => sys::llama_batch_ext_add_token(batch, seq, *t),
+                let mut indices = Vec::new();
+                for e in chunk {
+                    let idx = match e.input {
+                        Input::Token(t) => sys::llama_batch_ext_add_token(batch, e.seq, t),
                         Input::Embedding(v) => {
                             let embd = sys::llama_embd {
                                 data: v.as_ptr(),
                                 n_rows: 1,
                                 n_embd,
                             };
-                            sys::llama_batch_ext_add_embd(batch, seq, embd)
+                            sys::llama_batch_ext_add_embd(batch, e.seq, embd)
                         }
                     };
-                    let pos = (first_pos + k) as sys::llama_pos;
+                    let pos = e.pos as sys::llama_pos;
                     if idx < 0
                         || !sys::llama_batch_ext_set_pos(batch, idx, &pos)
                         || !sys::llama_batch_ext_set_output_embd(batch, idx, output)
@@ -628,6 +775,7 @@ impl Context {
                         fill_error = Some(idx);
                         break;
                     }
+                    indices.push(idx);
                 }
                 let status = match fill_error {
                     Some(idx) => Err(idx),
@@ -636,6 +784,15 @@ impl Context {
                             sys::llama_set_embeddings(ctx, true);
                         }
                         let r = sys::llama_process(ctx, sys::LLAMA_PROCESS_TYPE_DECODE, batch);
+                        if r == 0 && output {
+                            for &idx in &indices {
+                                let ptr = sys::llama_get_embeddings_ith(ctx, idx);
+                                if ptr.is_null() {
+                                    break;
+                                }
+                                rows.push(std::slice::from_raw_parts(ptr, n_embd).to_vec());
+                            }
+                        }
                         Ok(r)
                     }
                 };
@@ -643,7 +800,10 @@ impl Context {
                 status
             };
             match status {
-                Err(code) => bail!("cannot build the llama.cpp batch (code {code})"),
+                Err(code) => {
+                    self.embeddings_off();
+                    bail!("cannot build the llama.cpp batch (code {code})")
+                }
                 Ok(0) => {}
                 Ok(1) => {
                     self.embeddings_off();
@@ -655,16 +815,16 @@ impl Context {
                 }
             }
         }
-        if !output {
-            return Ok(None);
+        if output {
+            self.embeddings_off();
+            ensure!(
+                rows.len() == entries.len(),
+                "llama.cpp returned {} hidden states for {} outputs",
+                rows.len(),
+                entries.len()
+            );
         }
-        // SAFETY: one output was requested in the last decode; the row has n_embd floats.
-        let hidden = unsafe {
-            let ptr = sys::llama_get_embeddings_ith(ctx, -1);
-            (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr, n_embd).to_vec())
-        };
-        self.embeddings_off();
-        Ok(hidden)
+        Ok(rows)
     }
 
     fn embeddings_off(&mut self) {

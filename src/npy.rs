@@ -231,6 +231,18 @@ impl RowWriter {
         self.done
     }
 
+    /// Drops the rows after the first `rows` (to resume at a boundary the caller knows).
+    pub fn truncate(&mut self, rows: usize) -> Result<()> {
+        use std::io::{Seek, SeekFrom};
+        if rows < self.done {
+            let end = self.header_len + (rows * self.cols * 4) as u64;
+            self.file.set_len(end)?;
+            self.file.seek(SeekFrom::Start(end))?;
+            self.done = rows;
+        }
+        Ok(())
+    }
+
     pub fn push(&mut self, row: &[f32]) -> Result<()> {
         use std::io::Write;
         anyhow::ensure!(
@@ -265,5 +277,41 @@ impl RowWriter {
         std::fs::rename(&self.partial, &self.out)
             .with_context(|| format!("cannot move {} into place", self.out.display()))?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run killed mid-row resumes after the last whole row; the finished file is a valid .npy.
+    #[test]
+    fn row_writer_resumes_after_a_torn_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("s.npy");
+        let mut w = RowWriter::open(&out, 3, 2, true).unwrap();
+        w.push(&[1.0, 2.0]).unwrap();
+        w.sync().unwrap();
+        assert!(!w.finish().unwrap(), "not all rows are in");
+        // A torn second row: half of its bytes.
+        let partial = dir.path().join("s.npy.partial");
+        let mut bytes = std::fs::read(&partial).unwrap();
+        bytes.extend_from_slice(&3.0f32.to_le_bytes());
+        std::fs::write(&partial, &bytes).unwrap();
+        let mut w = RowWriter::open(&out, 3, 2, true).unwrap();
+        assert_eq!(w.done(), 1);
+        w.push(&[3.0, 4.0]).unwrap();
+        w.push(&[5.0, 6.0]).unwrap();
+        assert!(w.finish().unwrap());
+        assert!(!partial.exists());
+        let a = NpyArray::read(&out).unwrap();
+        assert_eq!(a.shape, vec![3, 2]);
+        match a.data {
+            NpyData::F32(v) => assert_eq!(v, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            _ => panic!("not f32"),
+        }
+        // Another shape or restart: starts over.
+        let w = RowWriter::open(&dir.path().join("t.npy"), 2, 2, true).unwrap();
+        assert_eq!(w.done(), 0);
     }
 }

@@ -247,11 +247,7 @@ impl Recommender {
         let pieces = tokenize(self.model(), &segments)?;
         let inputs: Vec<Input> = pieces.iter().flat_map(|p| p.inputs()).collect();
         let hidden = self.ctx.last_hidden(&inputs, self.opts.reuse_prefix)?;
-        let vectors = self
-            .modalities()
-            .iter()
-            .map(|m| self.heads.user[m].forward(&hidden))
-            .collect();
+        let vectors = self.user_vectors(&hidden);
         Ok(UserVector {
             vectors,
             hidden,
@@ -259,6 +255,69 @@ impl Recommender {
             dropped_for_context: dropped,
             prompt_positions: inputs.len(),
         })
+    }
+
+    /// The user vectors `f_u_m(hidden)`, in [`Recommender::modalities`] order.
+    pub fn user_vectors(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
+        self.modalities()
+            .iter()
+            .map(|m| self.heads.user[m].forward(hidden))
+            .collect()
+    }
+
+    /// The `[REC]` hidden states of every prefix of `history` (`history[..1]`, …, `history[..n]`),
+    /// each the state `encode_user` gives for that prefix (within llama.cpp's batch-shape
+    /// tolerance), but decoding the items they share once: each prefix then costs its closing text
+    /// and `[REC]` instead of a whole prompt. `history` must fit `--max-history` and the context.
+    pub fn encode_prefixes(&mut self, history: &[u64]) -> Result<Vec<Vec<f32>>> {
+        ensure!(
+            !history.is_empty(),
+            "the history is empty: give at least one item id"
+        );
+        ensure!(
+            history.len() <= self.opts.max_history,
+            "a history of {} items has prefixes longer than --max-history {}",
+            history.len(),
+            self.opts.max_history
+        );
+        let mut prompts = Vec::with_capacity(history.len());
+        for k in 1..=history.len() {
+            let (segments, _, dropped) = self.prompt(&history[..k])?;
+            ensure!(
+                dropped == 0,
+                "the prompt for {k} items does not fit the context; raise --ctx"
+            );
+            prompts.push(segments);
+        }
+        let pieces = prompts
+            .iter()
+            .map(|s| tokenize(self.model(), s))
+            .collect::<Result<Vec<_>>>()?;
+        let inputs: Vec<Vec<Input>> = pieces
+            .iter()
+            .map(|p| p.iter().flat_map(|x| x.inputs()).collect())
+            .collect();
+        let shared = inputs.last().expect("non-empty history");
+        let mut out = Vec::with_capacity(inputs.len());
+        for group in inputs.chunks(crate::llm::MAX_BRANCHES) {
+            let branches: Vec<(usize, Vec<Input>)> = group
+                .iter()
+                .map(|own| {
+                    let common = shared
+                        .iter()
+                        .zip(own)
+                        .take_while(|(a, b)| same_input(a, b))
+                        .count();
+                    let cut = common.min(own.len() - 1).max(1);
+                    (cut, own[cut..].to_vec())
+                })
+                .collect();
+            out.extend(
+                self.ctx
+                    .branch_hidden(shared, &branches, self.opts.reuse_prefix)?,
+            );
+        }
+        Ok(out)
     }
 
     /// Scores of the given items (`None` for an item with no feature in any scored modality).
@@ -356,6 +415,15 @@ impl Piece<'_> {
             Piece::Tokens(t) => t.iter().map(|&t| Input::Token(t)).collect(),
             Piece::Vector(v) => vec![Input::Embedding(v)],
         }
+    }
+}
+
+/// Whether two inputs are the same position (token id, or vector by value).
+fn same_input(a: &Input, b: &Input) -> bool {
+    match (a, b) {
+        (Input::Token(x), Input::Token(y)) => x == y,
+        (Input::Embedding(x), Input::Embedding(y)) => x == y,
+        _ => false,
     }
 }
 

@@ -1,9 +1,10 @@
 """Staged I-LLMRec training on [REC] states extracted by the runtime (the frozen LLM runs once per
 window, in the deployment GGUF, instead of once per sample per epoch under autograd).
 
-    windows  training windows: for each target of the train split, the <= 10 items before it;
-             sampled to --budget (every user at least once), shuffled so that any prefix of the file
-             is a uniform sample (an extraction stopped early still gives a usable training set).
+    windows  training windows: every target of the train split, in chunks of up to 10 items whose
+             prefixes are the histories (extracted with `illmrec embed --prefixes`); sampled to
+             --budget windows (every user at least once), shuffled so that any prefix of the file is
+             a uniform sample (an extraction stopped early still gives a usable training set).
     init     an initial adaptor and [REC] vector (reference initialisation, seeded) as a bundle, so
              that `illmrec embed` can extract states with them.
     heads    the six retrieval heads trained on cached states (or, with --user-input features, on the
@@ -15,11 +16,11 @@ Typical run (ML-100K, image prompts; every step is resumable or cheap):
 
     export PYTHONPATH=tools
     P=tools/.venv/bin/python; R=data/runs/ml100k-staged
-    $P -m illmrec_tools.stages windows --dataset data/ml100k --out $R/windows.jsonl --budget 20000
+    $P -m illmrec_tools.stages windows --dataset data/ml100k --out $R/windows.jsonl --budget 97171
     $P -m illmrec_tools.stages init --dataset data/ml100k --out $R/init --prompt-style image
     target/release/illmrec embed --bundle $R/init/bundle --input data/ml100k/valid.jsonl --output $R/valid.npy
     target/release/illmrec embed --bundle $R/init/bundle --input data/ml100k/test.jsonl --output $R/test.npy
-    target/release/illmrec embed --bundle $R/init/bundle --input $R/windows.jsonl --output $R/train.npy
+    target/release/illmrec embed --bundle $R/init/bundle --input $R/windows.jsonl --output $R/train.npy --prefixes
     $P -m illmrec_tools.stages heads --dataset data/ml100k --states $R --init $R/init --out $R/heads
 """
 import argparse
@@ -43,28 +44,43 @@ MAX_HISTORY = 10
 
 # ---------------------------------------------------------------- windows
 
-def all_windows(train_rows, max_history=MAX_HISTORY):
-    """(user, history, target) for every target position t >= 1 of every train sequence."""
+def chunks(train_rows, max_history=MAX_HISTORY):
+    """Every target of the train split exactly once, grouped in chunks: a user's train sequence
+    cut into runs of up to `max_history` items; a chunk's prefixes (1, 2, … items) are the
+    histories of its targets (the items after each prefix). `illmrec embed --prefixes` gives one
+    state per prefix, decoding the chunk once, so 10 windows cost about one prompt plus 10 closings.
+    Histories thus have 1..10 items (the reference trains on 2..9 and evaluates on 10)."""
     for r in train_rows:
         seq = r["items"]
-        for t in range(1, len(seq)):
-            yield r["user"], seq[max(0, t - max_history):t], seq[t]
+        for s in range(0, len(seq) - 1, max_history):
+            e = min(s + max_history, len(seq) - 1)
+            yield dict(user=r["user"], history=seq[s:e], targets=seq[s + 1:e + 1])
 
 
-def sample_windows(train_rows, budget, seed=42, max_history=MAX_HISTORY):
-    """`budget` windows: one random window per user first, the rest uniformly from all windows;
-    returned in a seeded random order."""
-    windows = list(all_windows(train_rows, max_history))
+def sample_chunks(train_rows, budget, seed=42, max_history=MAX_HISTORY):
+    """Chunks holding about `budget` windows: one random chunk per user first, then the others in
+    random order; the file order is shuffled, so any prefix of it is a uniform sample."""
+    all_chunks = list(chunks(train_rows, max_history))
     rng = np.random.default_rng(seed)
     by_user = {}
-    for k, (u, _, _) in enumerate(windows):
-        by_user.setdefault(u, []).append(k)
-    first = [int(rng.choice(ks)) for ks in by_user.values()]
-    chosen = set(first[:budget])
-    rest = [k for k in rng.permutation(len(windows)) if k not in chosen]
-    chosen |= set(int(k) for k in rest[:max(0, budget - len(chosen))])
-    order = rng.permutation(sorted(chosen))
-    return [dict(user=windows[k][0], history=windows[k][1], target=windows[k][2]) for k in order], len(windows)
+    for k, c in enumerate(all_chunks):
+        by_user.setdefault(c["user"], []).append(k)
+    order = [int(rng.choice(ks)) for ks in by_user.values()]
+    rng.shuffle(order)
+    first = set(order)
+    order += [int(k) for k in rng.permutation(len(all_chunks)) if k not in first]
+    out, n = [], 0
+    for k in order:
+        if n >= budget:
+            break
+        out.append(all_chunks[k])
+        n += len(all_chunks[k]["targets"])
+    return out, sum(len(c["targets"]) for c in all_chunks)
+
+
+def expand(chunk_rows):
+    """(history, target) per window, in the order `illmrec embed --prefixes` writes its rows."""
+    return [(c["history"][:k], c["targets"][k - 1]) for c in chunk_rows for k in range(1, len(c["history"]) + 1)]
 
 
 # ---------------------------------------------------------------- heads
@@ -99,15 +115,16 @@ class Features:
     def mean_of(self, histories):
         """The no-LLM user input: per modality the mean feature of the (<= 10) history items that
         have it, concatenated (zeros where none has it)."""
-        out = []
-        for h in histories:
-            rows = torch.tensor([self.index[i] for i in h[-MAX_HISTORY:]])
-            parts = []
-            for m in MODALITIES:
-                mk = self.mask[m][rows]
-                parts.append(self.x[m][rows][mk].mean(0) if mk.any() else torch.zeros(self.x[m].shape[1]))
-            out.append(torch.cat(parts))
-        return torch.stack(out)
+        idx = torch.full((len(histories), MAX_HISTORY), -1, dtype=torch.long)
+        for k, h in enumerate(histories):
+            rows = [self.index[i] for i in h[-MAX_HISTORY:]]
+            idx[k, :len(rows)] = torch.tensor(rows)
+        parts = []
+        for m in MODALITIES:
+            present = (idx >= 0) & self.mask[m][idx.clamp_min(0)]
+            x = self.x[m][idx.clamp_min(0)] * present[..., None]
+            parts.append(x.sum(1) / present.sum(1, keepdim=True).clamp_min(1))
+        return torch.cat(parts, 1)
 
 
 class Heads(nn.Module):
@@ -117,17 +134,18 @@ class Heads(nn.Module):
             setattr(self, f"f_u_{m}", mlp(user_dim))
             setattr(self, f"f_i_{m}", mlp(d))
 
-    def scores(self, feats, x):
+    def scores(self, feats, x, items=None):
         """Per-modality [B, n_items] scores and the combined score (mean over the modalities an
-        item has, as the runtime scores)."""
+        item has, as the runtime scores), over all items or the catalog rows `items`."""
         per, total, count = {}, 0.0, 0.0
         for m in MODALITIES:
+            fx, mask = (feats.x[m], feats.mask[m]) if items is None else (feats.x[m][items], feats.mask[m][items])
             u = getattr(self, f"f_u_{m}").mlp(x)
-            v = getattr(self, f"f_i_{m}").mlp(feats.x[m])
+            v = getattr(self, f"f_i_{m}").mlp(fx)
             s = u @ v.T
-            per[m] = s.masked_fill(~feats.mask[m], float("-inf"))
-            total = total + s * feats.mask[m]
-            count = count + feats.mask[m].float()
+            per[m] = s.masked_fill(~mask, float("-inf"))
+            total = total + s * mask
+            count = count + mask.float()
         return per, total / count
 
 
@@ -151,6 +169,20 @@ def metrics(r):
     return out
 
 
+def state_pairs(states, windows=None):
+    """(windows file, states file or None) pairs: STATES/windows.jsonl ↔ STATES/train.npy and
+    STATES/windows-NAME.jsonl ↔ STATES/train-NAME.npy (shards extracted on several machines);
+    with `windows` given, that one file and STATES/train.npy."""
+    if windows:
+        return [(Path(windows), Path(states) / "train.npy")]
+    out = []
+    for w in sorted(Path(states).glob("windows*.jsonl")):
+        npy = w.with_name("train" + w.name[len("windows"):-len(".jsonl")] + ".npy")
+        ok = npy.exists() or npy.with_name(npy.name + ".partial").exists()
+        out.append((w, npy if ok else None))
+    return out
+
+
 class Standardize:
     """Per-dimension standardisation of the user input, folded into f_u_m's first layer at export."""
 
@@ -168,13 +200,20 @@ class Standardize:
 
 
 def train_heads(x, targets, xv, valid, feats, epochs=60, batch=256, lr=1e-3, wd=1e-4, patience=6, seed=42,
-                log=print):
+                negatives=0, item_heads=None, log=print):
+    """Softmax cross-entropy of each window's target against the whole catalog (negatives=0) or
+    against the batch's targets plus `negatives` uniformly sampled items (a sampled softmax), on
+    the combined score and on each modality's score."""
     torch.manual_seed(seed)
     norm = Standardize(x)
     x, xv = norm(x), norm(xv)
     y = torch.tensor([feats.index[t] for t in targets])
     heads = Heads(x.shape[1], {m: feats.x[m].shape[1] for m in MODALITIES})
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=wd)
+    if item_heads is not None:  # item side learned elsewhere (e.g. from all windows), frozen here
+        heads.load_state_dict({k: v for k, v in item_heads.items() if k.startswith("f_i_")}, strict=False)
+        for m in MODALITIES:
+            getattr(heads, f"f_i_{m}").requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
     ce = nn.functional.cross_entropy
     best, best_state, bad, history = -1.0, None, 0, []
     g = torch.Generator().manual_seed(seed)
@@ -182,8 +221,18 @@ def train_heads(x, targets, xv, valid, feats, epochs=60, batch=256, lr=1e-3, wd=
         t0, losses = time.time(), []
         heads.train()
         for idx in torch.randperm(len(x), generator=g).split(batch):
-            per, comb = heads.scores(feats, x[idx])
-            loss = ce(comb, y[idx]) + sum(ce(per[m], y[idx]) for m in MODALITIES) / len(MODALITIES)
+            if negatives:
+                sampled = torch.randint(len(feats.ids), (negatives,), generator=g)
+                items, yb = torch.unique(torch.cat([y[idx], sampled]), return_inverse=True)
+                yb = yb[:len(idx)]
+            else:
+                items, yb = None, y[idx]
+            per, comb = heads.scores(feats, x[idx], items)
+            loss = ce(comb, yb)
+            for m in MODALITIES:  # per modality, over the windows whose target has it
+                has = feats.mask[m][y[idx]]
+                if has.any():
+                    loss = loss + ce(per[m][has], yb[has]) / len(MODALITIES)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -213,10 +262,11 @@ def train_heads(x, targets, xv, valid, feats, epochs=60, batch=256, lr=1e-3, wd=
 
 def cmd_windows(a):
     rows = [r for r in read_jsonl(a.dataset / "train.jsonl") if len(r["items"]) >= 2]
-    windows, total = sample_windows(rows, a.budget, a.seed)
-    write_jsonl(a.out, windows)
-    users = len({w["user"] for w in windows})
-    print(f"windows: wrote {len(windows)} of {total} training windows ({users} users) to {a.out}")
+    sample, total = sample_chunks(rows, a.budget, a.seed)
+    write_jsonl(a.out, sample)
+    users = len({c["user"] for c in sample})
+    print(f"windows: wrote {len(sample)} chunks = {sum(len(c['targets']) for c in sample)} of {total} training "
+          f"windows ({users} users) to {a.out}")
 
 
 def heads_config(item_dims, prompt, image_dim, trained, provenance, train_seconds=None):
@@ -257,13 +307,24 @@ def cmd_heads(a):
     feats = Features(data)
     valid = read_jsonl(a.dataset / "valid.jsonl")
     test = read_jsonl(a.dataset / "test.jsonl")
-    windows = read_jsonl(a.windows or a.states / "windows.jsonl")
+    windows, x = [], []
+    for wpath, spath in state_pairs(a.states, a.windows):
+        w = [dict(history=h, target=t) for h, t in expand(read_jsonl(wpath))]
+        if a.user_input == "states":
+            rows = load_partial_npy(spath) if spath else np.zeros((0, 640), np.float32)
+            w = w[:len(rows)]
+            x.append(torch.from_numpy(rows).float())
+        windows += w
     if a.user_input == "states":
-        x = torch.from_numpy(load_partial_npy(a.states / "train.npy")).float()
-        windows = windows[:len(x)]
+        x = torch.cat(x)
         xv = torch.from_numpy(np.load(a.states / "valid.npy")).float()
         xt = torch.from_numpy(np.load(a.states / "test.npy")).float() if (a.states / "test.npy").exists() else None
     else:
+        if a.same_windows_as:  # exactly the windows whose states exist in that folder
+            windows = []
+            for wpath, spath in state_pairs(a.same_windows_as):
+                n = len(load_partial_npy(spath)) if spath else 0
+                windows += [dict(history=h, target=t) for h, t in expand(read_jsonl(wpath))][:n]
         windows = windows[:a.max_windows] if a.max_windows else windows
         x = feats.mean_of([w["history"] for w in windows])
         xv = feats.mean_of([c["history"] for c in valid])
@@ -272,7 +333,8 @@ def cmd_heads(a):
         x, windows = x[:a.max_windows], windows[:a.max_windows]
     print(f"heads: {len(x)} training windows, input {x.shape[1]}-d ({a.user_input})", flush=True)
     heads, history = train_heads(x, [w["target"] for w in windows], xv, valid, feats, epochs=a.epochs,
-                                 lr=a.lr, patience=a.patience, seed=a.seed,
+                                 batch=a.batch_size, lr=a.lr, negatives=a.negatives, patience=a.patience, seed=a.seed,
+                                 item_heads=torch.load(a.item_heads) if a.item_heads else None,
                                  log=lambda s: print(s, flush=True))
     a.out.mkdir(parents=True, exist_ok=True)
     summary = {"windows": len(x), "user_input": a.user_input, "epochs_run": len(history),
@@ -286,7 +348,10 @@ def cmd_heads(a):
             summary["test"] = metrics(rt)
             write_jsonl(a.out / "test-ranks.jsonl", ({"user": c["user"], "rank": int(r)} for c, r in zip(test, rt)))
     print(f"heads: valid {summary['valid']}" + (f"\nheads: test {summary['test']}" if "test" in summary else ""))
-    if a.user_input == "states":
+    torch.save(heads.state_dict(), a.out / "heads.pt")
+    if a.user_input == "states" and not a.init:
+        print("heads: no --init given, so no runtime export")
+    elif a.user_input == "states":
         init_cfg = json.loads((a.init / "heads.json").read_text())
         item_dims = {m: feats.x[m].shape[1] for m in MODALITIES}
         rec = RecModule(640, item_dims, init_cfg.get("image_dim"))
@@ -329,9 +394,16 @@ def main(argv=None):
     h.add_argument("--user-input", choices=["states", "features"], default="states",
                    help="features: the no-LLM baseline (mean of the history items' features)")
     h.add_argument("--max-windows", type=int)
+    h.add_argument("--same-windows-as", type=Path,
+                   help="features mode: train on exactly the windows whose states exist in this folder")
+    h.add_argument("--item-heads", type=Path,
+                   help="start the item heads f_i_m from this heads.pt (another run's) and keep them frozen")
     h.add_argument("--epochs", type=int, default=60)
     h.add_argument("--patience", type=int, default=6)
     h.add_argument("--lr", type=float, default=1e-3)
+    h.add_argument("--batch-size", type=int, default=256)
+    h.add_argument("--negatives", type=int, default=0,
+                   help="sampled negatives per batch (0: softmax over the whole catalog)")
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("--dtype", choices=["f32", "f16"], default="f32")
