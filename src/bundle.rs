@@ -96,6 +96,16 @@ impl Manifest {
                 "file '{}' has no valid sha256",
                 entry.path
             );
+            ensure!(
+                manifest
+                    .files
+                    .iter()
+                    .filter(|f| f.path == entry.path)
+                    .count()
+                    == 1,
+                "file '{}' is listed more than once",
+                entry.path
+            );
         }
         for name in [&manifest.heads, &manifest.heads_config, &manifest.items]
             .into_iter()

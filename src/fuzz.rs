@@ -158,7 +158,10 @@ impl Target {
                 if let Ok(m) = crate::bundle::Manifest::parse(data) {
                     accepted = true;
                     for f in &m.files {
-                        assert!(!Path::new(&f.path).is_absolute() && !f.path.contains(".."));
+                        assert!(Path::new(&f.path)
+                            .components()
+                            .all(|c| matches!(c, std::path::Component::Normal(_))));
+                        assert_eq!(m.files.iter().filter(|g| g.path == f.path).count(), 1);
                     }
                     let _ = m
                         .entry(&m.heads)
