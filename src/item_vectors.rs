@@ -123,7 +123,13 @@ impl ItemVectors {
         let bytes = build(&key, heads, banks, catalog)?;
         let written = std::fs::create_dir_all(cache_dir)
             .map_err(anyhow::Error::from)
-            .and_then(|_| write_atomic(&path, |out| Ok(out.write_all(&bytes)?)));
+            .and_then(|_| match std::fs::metadata(&path) {
+                // Something that is not ours sits at the cache's name (a FIFO would block).
+                Ok(m) if !m.is_file() => {
+                    Err(anyhow::anyhow!("{} is not a regular file", path.display()))
+                }
+                _ => write_atomic(&path, |out| Ok(out.write_all(&bytes)?)),
+            });
         let mut v = Self::from_storage(Storage::Memory(bytes), &key, &modalities, catalog.len())?;
         v.computed = true;
         match written {
