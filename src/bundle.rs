@@ -331,9 +331,16 @@ pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
             .with_context(|| format!("cannot follow {}", dir.display()))?,
         _ => dir.to_path_buf(),
     };
+    if let Ok(m) = std::fs::metadata(&dir) {
+        ensure!(
+            m.is_dir(),
+            "{} exists and is not a folder: refusing to replace it",
+            dir.display()
+        );
+    }
     let info = GgufInfo::read(spec.model)?;
-    // Every input is read and checked before anything is written.
-    let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
+    // The small inputs are read and checked before anything is written; banks are copied into
+    // the new folder and checked there (so what is checked is what is shipped).
     let read = |src: &Path| {
         crate::fsutil::read_regular(src).with_context(|| format!("cannot read {}", src.display()))
     };
@@ -342,57 +349,33 @@ pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
     crate::heads::Heads::from_bytes(&heads_bytes, spec.heads, &config_bytes, spec.heads_config)?;
     let items_bytes = read(spec.items)?;
     crate::catalog::Catalog::parse(&items_bytes, spec.items)?;
-    inputs.push(("heads.safetensors".into(), heads_bytes));
-    inputs.push(("heads.json".into(), config_bytes));
-    inputs.push(("items.jsonl".into(), items_bytes));
+    let small = [
+        ("heads.safetensors", &heads_bytes),
+        ("heads.json", &config_bytes),
+        ("items.jsonl", &items_bytes),
+    ];
     let mut banks = BTreeMap::new();
     for (m, path) in &spec.banks {
-        let bytes = read(path)?;
-        let bank = Bank::from_bytes(path, &bytes)?;
+        crate::fsutil::check_regular(path)?;
         ensure!(
-            bank.modality == *m,
-            "bank {} holds {} features, not {m}",
-            path.display(),
-            bank.modality
-        );
-        bank.verify()?;
-        let name = format!("{m}.bank");
-        ensure!(
-            banks.insert(m.name().to_string(), name.clone()).is_none(),
+            banks
+                .insert(m.name().to_string(), format!("{m}.bank"))
+                .is_none(),
             "--bank {m} is given twice"
         );
-        inputs.push((name, bytes));
     }
     let model_path = if spec.model_is_default {
         None
     } else {
         Some(relative_path(&absolute_folder(&dir)?, spec.model)?)
     };
-    let files: Vec<FileEntry> = inputs
-        .iter()
-        .map(|(name, bytes)| FileEntry {
-            path: name.clone(),
-            size: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(bytes)),
-        })
-        .collect();
-    let manifest = Manifest {
-        format: "illmrec-bundle".into(),
-        version: 1,
-        model: ModelRef {
-            path: model_path,
-            size: std::fs::metadata(spec.model)?.len(),
-            sha256: sha256_file(spec.model)?,
-            n_embd: info.n_embd,
-            architecture: info.architecture,
-        },
-        heads: "heads.safetensors".into(),
-        heads_config: "heads.json".into(),
-        items: "items.jsonl".into(),
-        banks,
-        files,
+    let model = ModelRef {
+        path: model_path,
+        size: std::fs::metadata(spec.model)?.len(),
+        sha256: sha256_file(spec.model)?,
+        n_embd: info.n_embd,
+        architecture: info.architecture,
     };
-    let json = serde_json::to_string_pretty(&manifest)?;
     // What of the old folder is not ours to drop.
     let ours: Vec<String> = match Bundle::open(&dir) {
         Ok(old) => old.manifest.files.into_iter().map(|f| f.path).collect(),
@@ -410,23 +393,74 @@ pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
             Vec::new()
         }
     };
+    let mut manifest = None;
     replace_dir(&dir, |tmp| {
-        for (name, bytes) in &inputs {
+        let mut files = Vec::new();
+        for (name, bytes) in small {
             write_synced(&tmp.join(name), bytes)?;
+            files.push(FileEntry {
+                path: name.to_string(),
+                size: bytes.len() as u64,
+                sha256: hex(&Sha256::digest(bytes)),
+            });
+        }
+        for (m, src) in &spec.banks {
+            let name = format!("{m}.bank");
+            let dst = tmp.join(&name);
+            copy_synced(src, &dst)?;
+            let bank = Bank::open(&dst).with_context(|| format!("bank {}", src.display()))?;
+            ensure!(
+                bank.modality == *m,
+                "bank {} holds {} features, not {m}",
+                src.display(),
+                bank.modality
+            );
+            bank.verify()
+                .with_context(|| format!("bank {}", src.display()))?;
+            files.push(FileEntry {
+                path: name,
+                size: bank.header.file_len,
+                sha256: hex(&bank.file_sha256()),
+            });
         }
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let new = inputs.iter().any(|(n, _)| *n == name);
+                let new = files.iter().any(|f| f.path == name);
                 if name == MANIFEST || new || ours.contains(&name) || name.contains(".tmp-") {
                     continue;
                 }
                 carry(&e.path(), &tmp.join(&name))?;
             }
         }
-        write_synced(&tmp.join(MANIFEST), json.as_bytes())
+        let m = Manifest {
+            format: "illmrec-bundle".into(),
+            version: 1,
+            model: model.clone(),
+            heads: "heads.safetensors".into(),
+            heads_config: "heads.json".into(),
+            items: "items.jsonl".into(),
+            banks: banks.clone(),
+            files,
+        };
+        write_synced(
+            &tmp.join(MANIFEST),
+            serde_json::to_string_pretty(&m)?.as_bytes(),
+        )?;
+        manifest = Some(m);
+        Ok(())
     })?;
-    Ok(manifest)
+    Ok(manifest.expect("replace_dir ran the build"))
+}
+
+/// Copies a file and fsyncs the copy.
+fn copy_synced(from: &Path, to: &Path) -> Result<()> {
+    let mut src = crate::fsutil::open_regular(from)?;
+    let mut dst =
+        std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+    std::io::copy(&mut src, &mut dst).with_context(|| format!("cannot copy {}", from.display()))?;
+    dst.sync_all()?;
+    Ok(())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

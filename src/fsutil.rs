@@ -233,6 +233,13 @@ pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
 pub fn replace_dir(dir: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let (parent, name) = split_path(dir)?;
     ensure_folder(&parent, dir)?;
+    if let Ok(m) = std::fs::symlink_metadata(dir) {
+        anyhow::ensure!(
+            m.is_dir(),
+            "{} exists and is not a folder: refusing to replace it",
+            dir.display()
+        );
+    }
     remove_stale_temps(&parent, &name);
     let mut builder = tempfile::Builder::new();
     let prefix = format!("{}{}.", temp_prefix(&name), std::process::id());
@@ -468,5 +475,11 @@ mod tests {
         assert!(err.to_string().contains("boom"));
         assert_eq!(std::fs::read_to_string(d.join("b")).unwrap(), "2");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A file is never exchanged for a folder.
+        let f = dir.path().join("file");
+        std::fs::write(&f, "mine").unwrap();
+        let err = replace_dir(&f, |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("is not a folder"), "{err}");
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "mine");
     }
 }

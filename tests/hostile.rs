@@ -518,3 +518,52 @@ fn quantize_into_a_missing_folder_says_so() {
     ]);
     assert_clean_error(&out, "no-such-folder does not exist");
 }
+
+#[test]
+fn bundle_create_never_replaces_what_is_not_a_bundle() {
+    let src = &setup().0;
+    let create = |out: &Path| {
+        illmrec(&[
+            "bundle",
+            "create",
+            "--out",
+            &s(out),
+            "--heads",
+            &s(&src.join("heads-src.safetensors")),
+            "--heads-config",
+            &s(&src.join("heads-config.json")),
+            "--items",
+            &s(&src.join("items.jsonl")),
+            "--model",
+            &s(&common::model_path()),
+        ])
+    };
+    let dir = src.join("not-bundles");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("home/photos")).unwrap();
+    std::fs::write(dir.join("home/photos/a.jpg"), "x").unwrap();
+    assert_clean_error(&create(&dir.join("home")), "refusing to replace it");
+    assert!(dir.join("home/photos/a.jpg").exists());
+    std::fs::write(dir.join("file"), "mine").unwrap();
+    assert_clean_error(&create(&dir.join("file")), "is not a folder");
+    assert_eq!(std::fs::read_to_string(dir.join("file")).unwrap(), "mine");
+    // A folder of plain files (a model the bundle will point to) becomes the bundle, keeping them.
+    std::fs::create_dir_all(dir.join("fresh")).unwrap();
+    std::fs::write(dir.join("fresh/NOTES.txt"), "kept").unwrap();
+    let out = create(&dir.join("fresh"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("fresh/NOTES.txt")).unwrap(),
+        "kept"
+    );
+    illmrec::bundle::Bundle::open(&dir.join("fresh")).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+}
