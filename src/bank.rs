@@ -11,17 +11,16 @@
 //!
 //! The checksum is the sha256 of everything from byte 128 to the end of the file (ids and
 //! rows). Opening reads only the header and checks the file size, so it costs the same for any
-//! number of items; [`Bank::verify`] checks the checksum; a lookup is a binary search over the
-//! mapped id array and returns a borrowed row.
+//! number of items; [`Bank::verify`] checks the checksum, the id order and that every value is
+//! finite; a lookup is a binary search over the mapped id array and returns a borrowed row.
 
-use crate::fsutil::{hex, write_atomic};
+use crate::fsutil::{hex, open_regular, write_atomic};
 use anyhow::{bail, ensure, Context, Result};
 use bincode::{Decode, Encode};
 use half::f16;
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub const BANK_MAGIC: [u8; 8] = *b"ILLMBANK";
@@ -147,23 +146,53 @@ impl Row<'_> {
     }
 }
 
+/// The bytes of a bank: a read-only mapping of the file, or (for tests and fuzzing) memory with
+/// the 8-byte alignment the id array needs.
+enum Storage {
+    Mapped(Mmap),
+    Memory(Vec<u64>, usize),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Memory(words, len) => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+}
+
 /// A memory-mapped feature bank.
 pub struct Bank {
     path: PathBuf,
-    map: Mmap,
+    storage: Storage,
     pub header: BankHeader,
     pub modality: Modality,
     pub dtype: DType,
 }
 
 impl Bank {
+    /// Maps a bank file and checks its header against the file size (constant time; the
+    /// payload is checked by [`Bank::verify`]).
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path)
+        let file = open_regular(path)
             .with_context(|| format!("cannot open feature bank {}", path.display()))?;
         // SAFETY: the bank is read-only for its lifetime; a concurrent writer replaces the file by
         // rename, which leaves this mapping intact.
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
+        Self::from_storage(path, Storage::Mapped(map))
+    }
+
+    /// A bank held in memory (`name` is only used in messages).
+    pub fn from_bytes(name: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self::from_storage(name, Storage::Memory(words, bytes.len()))
+    }
+
+    fn from_storage(path: &Path, storage: Storage) -> Result<Self> {
+        let map = storage.bytes();
         let fail = |msg: String| anyhow::anyhow!("feature bank {}: {msg}", path.display());
         if map.len() < IDS_OFFSET as usize || map[..8] != BANK_MAGIC {
             return Err(fail(
@@ -188,13 +217,21 @@ impl Bank {
         if header.dim == 0 {
             return Err(fail("dimension is 0".into()));
         }
-        let expected_len = header
+        let rows_at = header
             .count
-            .checked_mul(header.dim as u64 * dtype.width() as u64)
-            .and_then(|n| n.checked_add(rows_offset(header.count)))
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(IDS_OFFSET + 63))
+            .map(|n| n / 64 * 64);
+        let expected_len = rows_at
+            .and_then(|at| {
+                header
+                    .count
+                    .checked_mul(header.dim as u64 * dtype.width() as u64)
+                    .and_then(|n| n.checked_add(at))
+            })
             .ok_or_else(|| fail("header sizes overflow".into()))?;
         if header.ids_offset != IDS_OFFSET
-            || header.rows_offset != rows_offset(header.count)
+            || Some(header.rows_offset) != rows_at
             || header.file_len != expected_len
         {
             return Err(fail("header offsets are inconsistent".into()));
@@ -207,7 +244,7 @@ impl Bank {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            map,
+            storage,
             header,
             modality,
             dtype,
@@ -232,7 +269,8 @@ impl Bank {
 
     /// The sorted item ids, borrowed from the mapping.
     pub fn ids(&self) -> &[u64] {
-        let bytes = &self.map[IDS_OFFSET as usize..IDS_OFFSET as usize + 8 * self.len()];
+        let bytes =
+            &self.storage.bytes()[IDS_OFFSET as usize..IDS_OFFSET as usize + 8 * self.len()];
         bytemuck::cast_slice(bytes)
     }
 
@@ -245,7 +283,7 @@ impl Bank {
     pub fn row_at(&self, i: usize) -> Row<'_> {
         let width = self.dim() * self.dtype.width();
         let start = self.header.rows_offset as usize + i * width;
-        let bytes = &self.map[start..start + width];
+        let bytes = &self.storage.bytes()[start..start + width];
         match self.dtype {
             DType::F32 => Row::F32(bytemuck::cast_slice(bytes)),
             DType::F16 => Row::F16(bytemuck::cast_slice(bytes)),
@@ -267,9 +305,9 @@ impl Bank {
         })
     }
 
-    /// Recomputes the payload checksum and compares it with the header.
+    /// Checks the payload: its sha256 against the header, then [`Bank::check_contents`].
     pub fn verify(&self) -> Result<()> {
-        let digest = Sha256::digest(&self.map[IDS_OFFSET as usize..]);
+        let digest = Sha256::digest(&self.storage.bytes()[IDS_OFFSET as usize..]);
         ensure!(
             digest.as_slice() == self.header.checksum,
             "feature bank {}: checksum mismatch (header {}, payload {}): the file is corrupt",
@@ -277,6 +315,37 @@ impl Bank {
             self.checksum_hex(),
             hex(&digest)
         );
+        self.check_contents()
+    }
+
+    /// sha256 of the whole file (what a bundle manifest records).
+    pub fn file_sha256(&self) -> [u8; 32] {
+        Sha256::digest(self.storage.bytes()).into()
+    }
+
+    /// Checks what the checksum cannot: that the ids are strictly ascending (lookups are
+    /// binary searches) and that every value is finite. One pass, no hashing.
+    pub fn check_contents(&self) -> Result<()> {
+        let ids = self.ids();
+        if let Some(w) = ids.windows(2).find(|w| w[0] >= w[1]) {
+            bail!(
+                "feature bank {}: item ids are not strictly ascending ({} before {})",
+                self.path.display(),
+                w[0],
+                w[1]
+            );
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            let finite = match self.row_at(i) {
+                Row::F32(r) => r.iter().all(|v| v.is_finite()),
+                Row::F16(r) => r.iter().all(|v| v.is_finite()),
+            };
+            ensure!(
+                finite,
+                "feature bank {}: the row of item {id} has a NaN or infinite value",
+                self.path.display()
+            );
+        }
         Ok(())
     }
 }
@@ -296,6 +365,18 @@ pub fn write_bank(
     ids: &[u64],
     rows: BankRows<'_>,
 ) -> Result<BankHeader> {
+    let (header, bytes) = encode_bank(modality, dim, ids, rows)?;
+    write_atomic(path, |out| Ok(out.write_all(&bytes)?))?;
+    Ok(header)
+}
+
+/// A bank's bytes (what [`write_bank`] writes).
+pub fn encode_bank(
+    modality: Modality,
+    dim: usize,
+    ids: &[u64],
+    rows: BankRows<'_>,
+) -> Result<(BankHeader, Vec<u8>)> {
     ensure!(dim > 0, "feature dimension must be positive");
     let (n_values, dtype) = match rows {
         BankRows::F32(r) => (r.len(), DType::F32),
@@ -307,6 +388,16 @@ pub fn write_bank(
         ids.len(),
         ids.len()
     );
+    let finite = match rows {
+        BankRows::F32(r) => r.iter().position(|v| !v.is_finite()),
+        BankRows::F16(r) => r.iter().position(|v| !v.is_finite()),
+    };
+    if let Some(i) = finite {
+        bail!(
+            "the row of item {} has a NaN or infinite value",
+            ids[i / dim]
+        );
+    }
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| ids[i]);
     if let Some(w) = order.windows(2).find(|w| ids[w[0]] == ids[w[1]]) {
@@ -346,13 +437,9 @@ pub fn write_bank(
         file_len: IDS_OFFSET + payload.len() as u64,
         checksum: Sha256::digest(&payload).into(),
     };
-    let mut head = [0u8; IDS_OFFSET as usize];
-    let n = bincode::encode_into_slice(&header, &mut head, bincode_config())?;
+    let mut bytes = vec![0u8; IDS_OFFSET as usize];
+    let n = bincode::encode_into_slice(&header, &mut bytes, bincode_config())?;
     debug_assert_eq!(n, HEADER_LEN);
-    write_atomic(path, |out| {
-        out.write_all(&head)?;
-        out.write_all(&payload)?;
-        Ok(())
-    })?;
-    Ok(header)
+    bytes.extend_from_slice(&payload);
+    Ok((header, bytes))
 }

@@ -13,11 +13,13 @@
 //! for the default model (see [`default_model_path`]).
 
 use crate::bank::{Bank, Modality};
-use crate::fsutil::{sha256_file, write_atomic};
+use crate::fsutil::{check_regular, hex, replace_dir, sha256_file};
 use crate::llm::GgufInfo;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = "manifest.json";
@@ -65,32 +67,85 @@ pub struct Bundle {
     pub manifest: Manifest,
 }
 
+impl Manifest {
+    /// Parses and checks `manifest.json` bytes: format, version, and that every bundle file is
+    /// a plain name inside the bundle folder (no absolute path, no `..`), listed in `files`.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let manifest: Manifest = serde_json::from_slice(bytes)?;
+        ensure!(
+            manifest.format == "illmrec-bundle",
+            "format is '{}', expected 'illmrec-bundle'",
+            manifest.format
+        );
+        ensure!(
+            manifest.version == 1,
+            "bundle version {} is not supported (expected 1)",
+            manifest.version
+        );
+        for entry in &manifest.files {
+            let p = Path::new(&entry.path);
+            ensure!(
+                !entry.path.is_empty()
+                    && p.components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_))),
+                "file '{}' is not a name inside the bundle folder",
+                entry.path
+            );
+            ensure!(
+                entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                "file '{}' has no valid sha256",
+                entry.path
+            );
+            ensure!(
+                manifest
+                    .files
+                    .iter()
+                    .filter(|f| f.path == entry.path)
+                    .count()
+                    == 1,
+                "file '{}' is listed more than once",
+                entry.path
+            );
+        }
+        for name in [&manifest.heads, &manifest.heads_config, &manifest.items]
+            .into_iter()
+            .chain(manifest.banks.values())
+        {
+            ensure!(
+                manifest.files.iter().any(|f| &f.path == name),
+                "{name} is not listed in files"
+            );
+        }
+        for m in manifest.banks.keys() {
+            Modality::parse(m)?;
+        }
+        Ok(manifest)
+    }
+
+    /// The manifest entry of a bundle file.
+    pub fn entry(&self, name: &str) -> Result<&FileEntry> {
+        self.files
+            .iter()
+            .find(|f| f.path == name)
+            .with_context(|| format!("{name} is not listed in the manifest"))
+    }
+}
+
 impl Bundle {
-    /// Reads the manifest and checks that every listed file exists with its recorded size
-    /// (cheap; hashes are checked by [`Bundle::verify`]).
+    /// Reads the manifest and checks that every listed file exists, is a regular file and has
+    /// its recorded size (cheap; hashes are checked by [`Bundle::read_verified`] for what a
+    /// recommender reads, and by [`Bundle::verify`] for everything).
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let bytes = crate::fsutil::read_regular(&path).with_context(|| {
             format!(
                 "{} is not a bundle: cannot read {}",
                 dir.display(),
                 path.display()
             )
         })?;
-        let manifest: Manifest = serde_json::from_str(&text)
+        let manifest = Manifest::parse(&bytes)
             .with_context(|| format!("bundle manifest {} is not valid", path.display()))?;
-        ensure!(
-            manifest.format == "illmrec-bundle",
-            "{}: format is '{}', expected 'illmrec-bundle'",
-            path.display(),
-            manifest.format
-        );
-        ensure!(
-            manifest.version == 1,
-            "{}: bundle version {} is not supported (expected 1)",
-            path.display(),
-            manifest.version
-        );
         let bundle = Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -99,6 +154,7 @@ impl Bundle {
             let p = bundle.file(&entry.path);
             let meta = std::fs::metadata(&p)
                 .with_context(|| format!("bundle file {} is missing", p.display()))?;
+            check_regular(&p)?;
             ensure!(
                 meta.len() == entry.size,
                 "bundle file {} is {} bytes, the manifest says {} (modified or truncated; run `illmrec bundle verify`)",
@@ -107,21 +163,28 @@ impl Bundle {
                 entry.size
             );
         }
-        for name in [
-            &bundle.manifest.heads,
-            &bundle.manifest.heads_config,
-            &bundle.manifest.items,
-        ]
-        .into_iter()
-        .chain(bundle.manifest.banks.values())
-        {
-            ensure!(
-                bundle.manifest.files.iter().any(|f| &f.path == name),
-                "{}: {name} is not listed in files",
-                path.display()
-            );
-        }
         Ok(bundle)
+    }
+
+    /// Reads a bundle file whole and checks it against the manifest's sha256.
+    pub fn read_verified(&self, name: &str) -> Result<Vec<u8>> {
+        let entry = self.manifest.entry(name)?;
+        let p = self.file(name);
+        let bytes = crate::fsutil::read_regular(&p)?;
+        self.check_digest(name, &Sha256::digest(&bytes))?;
+        debug_assert_eq!(bytes.len() as u64, entry.size);
+        Ok(bytes)
+    }
+
+    /// Compares a file's sha256 with the manifest's.
+    pub fn check_digest(&self, name: &str, digest: &[u8]) -> Result<()> {
+        let entry = self.manifest.entry(name)?;
+        ensure!(
+            hex(digest) == entry.sha256,
+            "bundle file {} does not match its sha256 in the manifest (modified or corrupt; run `illmrec bundle verify`)",
+            self.file(name).display()
+        );
+        Ok(())
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -254,71 +317,195 @@ pub struct BundleSpec<'a> {
     pub model_is_default: bool,
 }
 
-/// Creates (or replaces) a bundle folder: copies the files in, hashes them, writes the manifest
-/// last and atomically, so a bundle with a manifest is always complete.
+/// Creates (or replaces) a bundle folder. The new bundle is assembled in a folder beside `dir`
+/// (every file checked, written and fsynced, the manifest last) and then switched in place of
+/// the old one in one step (see [`replace_dir`]), so a crash or kill at any point leaves either
+/// the old bundle, usable, or the new one, complete. Files of the old folder that are not the
+/// old bundle's (a licence, a model the bundle points to, the item-vector cache) are carried
+/// over; a folder that is not a bundle is only replaced when it holds no sub-folder.
 pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let info = GgufInfo::read(spec.model)?;
-    let mut files = Vec::new();
-    let mut copy = |src: &Path, name: &str| -> Result<String> {
-        let dst = dir.join(name);
-        if src.canonicalize().ok() != dst.canonicalize().ok() {
-            let bytes =
-                std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
-            write_atomic(&dst, |out| Ok(out.write_all(&bytes)?))?;
-        }
-        files.push(FileEntry {
-            path: name.to_string(),
-            size: std::fs::metadata(&dst)?.len(),
-            sha256: sha256_file(&dst)?,
-        });
-        Ok(name.to_string())
+    // Write through a symlinked bundle folder to its target.
+    let dir = match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => dir
+            .canonicalize()
+            .with_context(|| format!("cannot follow {}", dir.display()))?,
+        _ => dir.to_path_buf(),
     };
-    let heads = copy(spec.heads, "heads.safetensors")?;
-    let heads_config = copy(spec.heads_config, "heads.json")?;
-    let items = copy(spec.items, "items.jsonl")?;
+    if let Ok(m) = std::fs::metadata(&dir) {
+        ensure!(
+            m.is_dir(),
+            "{} exists and is not a folder: refusing to replace it",
+            dir.display()
+        );
+    }
+    let info = GgufInfo::read(spec.model)?;
+    // The small inputs are read and checked before anything is written; banks are copied into
+    // the new folder and checked there (so what is checked is what is shipped).
+    let read = |src: &Path| {
+        crate::fsutil::read_regular(src).with_context(|| format!("cannot read {}", src.display()))
+    };
+    let heads_bytes = read(spec.heads)?;
+    let config_bytes = read(spec.heads_config)?;
+    crate::heads::Heads::from_bytes(&heads_bytes, spec.heads, &config_bytes, spec.heads_config)?;
+    let items_bytes = read(spec.items)?;
+    crate::catalog::Catalog::parse(&items_bytes, spec.items)?;
+    let small = [
+        ("heads.safetensors", &heads_bytes),
+        ("heads.json", &config_bytes),
+        ("items.jsonl", &items_bytes),
+    ];
     let mut banks = BTreeMap::new();
     for (m, path) in &spec.banks {
-        let bank = Bank::open(path)?;
+        crate::fsutil::check_regular(path)?;
         ensure!(
-            bank.modality == *m,
-            "bank {} holds {} features, not {m}",
-            path.display(),
-            bank.modality
+            banks
+                .insert(m.name().to_string(), format!("{m}.bank"))
+                .is_none(),
+            "--bank {m} is given twice"
         );
-        banks.insert(m.name().to_string(), copy(path, &format!("{m}.bank"))?);
     }
     let model_path = if spec.model_is_default {
         None
     } else {
-        Some(relative_path(dir, spec.model)?)
+        Some(relative_path(&absolute_folder(&dir)?, spec.model)?)
     };
-    let manifest = Manifest {
-        format: "illmrec-bundle".into(),
-        version: 1,
-        model: ModelRef {
-            path: model_path,
-            size: std::fs::metadata(spec.model)?.len(),
-            sha256: sha256_file(spec.model)?,
-            n_embd: info.n_embd,
-            architecture: info.architecture,
-        },
-        heads,
-        heads_config,
-        items,
-        banks,
-        files,
+    let model = ModelRef {
+        path: model_path,
+        size: std::fs::metadata(spec.model)?.len(),
+        sha256: sha256_file(spec.model)?,
+        n_embd: info.n_embd,
+        architecture: info.architecture,
     };
-    let json = serde_json::to_string_pretty(&manifest)?;
-    write_atomic(&dir.join(MANIFEST), |out| {
-        Ok(out.write_all(json.as_bytes())?)
+    // What of the old folder is not ours to drop.
+    let ours: Vec<String> = match Bundle::open(&dir) {
+        Ok(old) => old.manifest.files.into_iter().map(|f| f.path).collect(),
+        Err(_) => {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    ensure!(
+                        !e.file_type()?.is_dir() || e.file_name() == "cache",
+                        "{} exists, is not a bundle and holds the folder {}: refusing to replace it",
+                        dir.display(),
+                        e.path().display()
+                    );
+                }
+            }
+            Vec::new()
+        }
+    };
+    let mut manifest = None;
+    replace_dir(&dir, |tmp| {
+        let mut files = Vec::new();
+        for (name, bytes) in small {
+            write_synced(&tmp.join(name), bytes)?;
+            files.push(FileEntry {
+                path: name.to_string(),
+                size: bytes.len() as u64,
+                sha256: hex(&Sha256::digest(bytes)),
+            });
+        }
+        for (m, src) in &spec.banks {
+            let name = format!("{m}.bank");
+            let dst = tmp.join(&name);
+            copy_synced(src, &dst)?;
+            let bank = Bank::open(&dst).with_context(|| format!("bank {}", src.display()))?;
+            ensure!(
+                bank.modality == *m,
+                "bank {} holds {} features, not {m}",
+                src.display(),
+                bank.modality
+            );
+            bank.verify()
+                .with_context(|| format!("bank {}", src.display()))?;
+            files.push(FileEntry {
+                path: name,
+                size: bank.header.file_len,
+                sha256: hex(&bank.file_sha256()),
+            });
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let new = files.iter().any(|f| f.path == name);
+                if name == MANIFEST || new || ours.contains(&name) || name.contains(".tmp-") {
+                    continue;
+                }
+                carry(&e.path(), &tmp.join(&name))?;
+            }
+        }
+        let m = Manifest {
+            format: "illmrec-bundle".into(),
+            version: 1,
+            model: model.clone(),
+            heads: "heads.safetensors".into(),
+            heads_config: "heads.json".into(),
+            items: "items.jsonl".into(),
+            banks: banks.clone(),
+            files,
+        };
+        write_synced(
+            &tmp.join(MANIFEST),
+            serde_json::to_string_pretty(&m)?.as_bytes(),
+        )?;
+        manifest = Some(m);
+        Ok(())
     })?;
-    Ok(manifest)
+    Ok(manifest.expect("replace_dir ran the build"))
 }
 
-/// `target` expressed relative to `base` (both made absolute first).
+/// Copies a file and fsyncs the copy.
+fn copy_synced(from: &Path, to: &Path) -> Result<()> {
+    let mut src = crate::fsutil::open_regular(from)?;
+    let mut dst =
+        std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+    std::io::copy(&mut src, &mut dst).with_context(|| format!("cannot copy {}", from.display()))?;
+    dst.sync_all()?;
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Puts a file or folder of the old bundle folder into the new one (hard links where possible).
+fn carry(from: &Path, to: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.is_dir() {
+        std::fs::create_dir(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            carry(&e.path(), &to.join(e.file_name()))?;
+        }
+    } else if meta.file_type().is_symlink() {
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
+    } else if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).with_context(|| format!("cannot carry {} over", from.display()))?;
+    }
+    Ok(())
+}
+
+/// `dir` made absolute, whether or not it exists yet.
+fn absolute_folder(dir: &Path) -> Result<PathBuf> {
+    if let Ok(p) = dir.canonicalize() {
+        return Ok(p);
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent = parent
+        .canonicalize()
+        .with_context(|| format!("the folder {} does not exist", parent.display()))?;
+    Ok(parent.join(dir.file_name().context("the bundle path has no name")?))
+}
+
+/// `target` expressed relative to `base` (absolute).
 fn relative_path(base: &Path, target: &Path) -> Result<String> {
-    let base = base.canonicalize()?;
     let target = target
         .canonicalize()
         .with_context(|| format!("model {} not found", target.display()))?;

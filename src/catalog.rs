@@ -29,20 +29,28 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let bytes = crate::fsutil::read_regular(path)
             .with_context(|| format!("cannot read items {}", path.display()))?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses `items.jsonl` bytes (`path` only names them in messages).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
         let mut items = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
+        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            let item: Item = serde_json::from_str(line).with_context(|| {
-                format!(
-                    "{} line {}: not a valid item (needs an integer \"id\")",
-                    path.display(),
-                    n + 1
-                )
-            })?;
+            let item: Item = std::str::from_utf8(line)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(serde_json::from_str(l)?))
+                .with_context(|| {
+                    format!(
+                        "{} line {}: not a valid item (needs an integer \"id\")",
+                        path.display(),
+                        n + 1
+                    )
+                })?;
             items.push(item);
         }
         Self::new(items).with_context(|| format!("items {}", path.display()))

@@ -34,7 +34,7 @@ impl Case {
 /// Reads `<dataset>/<split>.jsonl`.
 pub fn load_split(dataset: &Path, split: &str) -> Result<Vec<Case>> {
     let path = dataset.join(format!("{split}.jsonl"));
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let text = crate::fsutil::read_regular_string(&path).with_context(|| {
         format!(
             "cannot read {} (is {} a prepared dataset?)",
             path.display(),
@@ -119,8 +119,7 @@ pub fn popularity(dataset: &Path) -> Result<HashMap<u64, f32>> {
         items: Vec<u64>,
     }
     let path = dataset.join("train.jsonl");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::fsutil::read_regular_string(&path)?;
     let mut counts = HashMap::new();
     for (n, line) in text
         .lines()
@@ -169,8 +168,7 @@ impl RanksFile {
     pub fn open(path: &Path, resume: bool) -> Result<Self> {
         let mut done = Vec::new();
         if resume && path.exists() {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let text = crate::fsutil::read_regular_string(path)?;
             let mut good_len = 0;
             for line in text.split_inclusive('\n') {
                 match (

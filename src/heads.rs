@@ -7,15 +7,13 @@
 //! ([`HeadsConfig`]) says which modalities exist and their dimensions.
 
 use crate::bank::Modality;
-use crate::fsutil::hex;
+use crate::fsutil::{hex, read_regular};
 use crate::prompt::PromptStyle;
 use anyhow::{bail, ensure, Context, Result};
-use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::Path;
 
 /// `heads.json`: what the checkpoint holds and how it was made.
@@ -52,6 +50,14 @@ pub struct HeadsConfig {
     pub provenance: String,
 }
 
+/// Largest size accepted for any dimension in `heads.json` (the reference's largest is 2560).
+pub const MAX_DIM: usize = 65536;
+/// Most parameters [`random_tensors`] makes (1 GiB of f32), so a config with huge sizes is an
+/// error rather than an allocation that fails.
+pub const MAX_RANDOM_PARAMS: u64 = 1 << 28;
+/// Largest LayerNorm epsilon accepted (PyTorch's default is 1e-5, the adaptor's 1e-8).
+pub const MAX_LN_EPS: f64 = 1e-2;
+
 fn default_adaptor_dim() -> usize {
     512
 }
@@ -73,11 +79,42 @@ impl HeadsConfig {
         Ok(out)
     }
 
+    /// Number of weights of a full checkpoint for this config (sizes are at most [`MAX_DIM`], so
+    /// this cannot overflow).
+    pub fn parameter_count(&self) -> u64 {
+        let linear = |i: usize, o: usize| (i as u64 + 1) * o as u64;
+        let head = |i: usize| {
+            linear(i, self.hidden_dim)
+                + 2 * self.hidden_dim as u64
+                + linear(self.hidden_dim, self.proj_dim)
+        };
+        let mut n = self.llm_dim as u64;
+        if self.prompt == PromptStyle::Image {
+            n += linear(self.image_dim.unwrap_or(0), self.adaptor_dim)
+                + 2 * self.adaptor_dim as u64
+                + linear(self.adaptor_dim, self.llm_dim);
+        }
+        for d in self.item_dims.values() {
+            n += head(self.llm_dim) + head(*d);
+        }
+        n
+    }
+
     pub fn item_dim(&self, m: Modality) -> Option<usize> {
         self.item_dims.get(m.name()).copied()
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Parses and validates `heads.json` bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let cfg: Self = serde_json::from_slice(bytes)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: the format, the modality names, and that every size and epsilon
+    /// is in a range a real checkpoint uses (an epsilon of 0, -1 or 1e300 would silently turn
+    /// the LayerNorms into something else).
+    pub fn validate(&self) -> Result<()> {
         ensure!(
             self.format == "illmrec-heads",
             "format is '{}', expected 'illmrec-heads'",
@@ -90,6 +127,32 @@ impl HeadsConfig {
         );
         ensure!(!self.item_dims.is_empty(), "item_dims names no modality");
         self.modalities()?;
+        let dims = [
+            ("llm_dim", Some(self.llm_dim)),
+            ("proj_dim", Some(self.proj_dim)),
+            ("hidden_dim", Some(self.hidden_dim)),
+            ("adaptor_dim", Some(self.adaptor_dim)),
+            ("image_dim", self.image_dim),
+        ]
+        .into_iter()
+        .chain(self.item_dims.iter().map(|(k, v)| (k.as_str(), Some(*v))));
+        for (name, dim) in dims {
+            if let Some(d) = dim {
+                ensure!(
+                    (1..=MAX_DIM).contains(&d),
+                    "{name} is {d}; expected 1 to {MAX_DIM}"
+                );
+            }
+        }
+        for (name, eps) in [
+            ("adaptor_ln_eps", self.adaptor_ln_eps),
+            ("head_ln_eps", self.head_ln_eps),
+        ] {
+            ensure!(
+                eps.is_finite() && eps > 0.0 && eps <= MAX_LN_EPS,
+                "{name} is {eps}; expected a LayerNorm epsilon above 0 and at most {MAX_LN_EPS}"
+            );
+        }
         if self.prompt == PromptStyle::Image {
             ensure!(
                 self.image_dim.is_some(),
@@ -251,28 +314,35 @@ impl Heads {
     /// Loads `weights` (safetensors) with its `config` (JSON) and checks every shape against the
     /// config. A mismatch is an error naming the tensor and both shapes.
     pub fn load(weights: &Path, config: &Path) -> Result<Self> {
-        let config_bytes = std::fs::read(config)
+        let config_bytes = read_regular(config)
             .with_context(|| format!("cannot read heads config {}", config.display()))?;
-        let cfg: HeadsConfig = serde_json::from_slice(&config_bytes)
-            .with_context(|| format!("heads config {} is not valid", config.display()))?;
-        cfg.validate()
-            .with_context(|| format!("heads config {} is not valid", config.display()))?;
-        let file = File::open(weights)
+        let weight_bytes = read_regular(weights)
             .with_context(|| format!("cannot open heads {}", weights.display()))?;
-        // SAFETY: read-only mapping of a file that is replaced only by rename.
-        let map = unsafe { Mmap::map(&file) }?;
-        let tensors = SafeTensors::deserialize(&map).map_err(|e| {
+        Self::from_bytes(&weight_bytes, weights, &config_bytes, config)
+    }
+
+    /// Like [`Heads::load`] from bytes already read (the paths only name them in messages).
+    /// Every weight must be finite: a NaN or infinity is an error naming the tensor.
+    pub fn from_bytes(
+        weights: &[u8],
+        weights_name: &Path,
+        config: &[u8],
+        config_name: &Path,
+    ) -> Result<Self> {
+        let cfg = HeadsConfig::parse(config)
+            .with_context(|| format!("heads config {} is not valid", config_name.display()))?;
+        let tensors = SafeTensors::deserialize(weights).map_err(|e| {
             anyhow::anyhow!(
                 "heads {} is not a valid safetensors file: {e}",
-                weights.display()
+                weights_name.display()
             )
         })?;
         let mut hasher = Sha256::new();
-        hasher.update(&map[..]);
-        hasher.update(&config_bytes);
+        hasher.update(weights);
+        hasher.update(config);
         let reader = TensorReader {
             tensors: &tensors,
-            file: weights,
+            file: weights_name,
         };
         Self::from_reader(cfg, &reader, hasher.finalize().into())
     }
@@ -344,7 +414,7 @@ impl TensorReader<'_> {
             );
         }
         let data = view.data();
-        let values = match view.dtype() {
+        let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => data
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -362,6 +432,13 @@ impl TensorReader<'_> {
                 self.file.display()
             ),
         };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "heads {}: tensor '{name}' has a non-finite value ({} at index {i}): the weights are corrupt",
+                self.file.display(),
+                values[i]
+            );
+        }
         Ok(values)
     }
 
@@ -396,6 +473,11 @@ pub enum WeightDtype {
 /// generator. Used for demos and tests before a trained checkpoint exists.
 pub fn random_tensors(cfg: &HeadsConfig, seed: u64) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     cfg.validate()?;
+    let params = cfg.parameter_count();
+    ensure!(
+        params <= MAX_RANDOM_PARAMS,
+        "these heads would have {params} parameters; random heads are limited to {MAX_RANDOM_PARAMS}"
+    );
     let mut rng = SplitMix64(seed);
     let mut out = Vec::new();
     let linear = |out: &mut Vec<_>, rng: &mut SplitMix64, name: &str, n_in: usize, n_out: usize| {
@@ -467,6 +549,15 @@ pub fn write_safetensors(
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     dtype: WeightDtype,
 ) -> Result<()> {
+    let bytes = encode_safetensors(tensors, dtype)?;
+    crate::fsutil::write_atomic(path, |out| Ok(out.write_all(&bytes)?))
+}
+
+/// Named tensors as safetensors bytes (what [`write_safetensors`] writes).
+pub fn encode_safetensors(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: WeightDtype,
+) -> Result<Vec<u8>> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, shape, values)| {
@@ -498,8 +589,7 @@ pub fn write_safetensors(
             ))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let bytes = safetensors::serialize(views, None)?;
-    crate::fsutil::write_atomic(path, |out| Ok(out.write_all(&bytes)?))
+    Ok(safetensors::serialize(views, None)?)
 }
 
 /// A tiny seeded generator (SplitMix64): reproducible weights without another dependency.

@@ -1,16 +1,22 @@
 //! The catalog side of scoring: every item's projected vector per modality, `f_i_m(x_m(item))`,
-//! computed once and kept in a memory-mapped cache file keyed by the heads, the banks and the
-//! catalog's ids, so a request only runs the user heads and dot products.
+//! computed once and kept in a memory-mapped cache file, so a request only runs the user heads
+//! and dot products.
+//!
+//! The cache file is named by a key over everything its contents derive from: the heads (weights
+//! and config bytes), each bank's whole-file sha256, the catalog's ids, and this format's
+//! version; a change to any of them is a different file. The file carries the sha256 of its own
+//! payload, checked at every open: a damaged cache is reported and rebuilt, never used.
 //!
 //! Cache layout (little-endian): header (bincode fixed-int, [`CacheHeader`]) padded to 128
 //! bytes; `count` u64 item ids (catalog order = ascending id); `count × n_modalities` presence
 //! bytes, padded to 64; then per modality a `count × proj_dim` f32 matrix (absent rows are zero).
+//! The header's `payload` is the sha256 of everything after the 128 header bytes.
 
 use crate::bank::{Bank, Modality};
 use crate::catalog::Catalog;
 use crate::fsutil::{hex, write_atomic};
 use crate::heads::{dot, Heads};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bincode::{Decode, Encode};
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
@@ -18,7 +24,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const MAGIC: [u8; 8] = *b"ILLMIVEC";
-const VERSION: u32 = 1;
+/// Bumped whenever the layout or the way vectors are computed changes (it is part of the key).
+const VERSION: u32 = 2;
 const HEADER_SPACE: usize = 128;
 
 #[derive(Encode, Decode, Debug, PartialEq)]
@@ -30,6 +37,7 @@ struct CacheHeader {
     modalities: [u8; 3],
     count: u64,
     key: [u8; 32],
+    payload: [u8; 32],
 }
 
 fn config() -> impl bincode::config::Config {
@@ -53,16 +61,27 @@ pub struct ItemVectors {
     pub path: Option<PathBuf>,
     /// Whether this open computed the vectors (false: read from the cache).
     pub computed: bool,
+    /// What went wrong with the cache without failing the open (a damaged cache that was
+    /// rebuilt, a folder that could not take the cache), for the front end to show.
+    pub warnings: Vec<String>,
 }
 
-/// The cache key: heads checksum, each bank's payload checksum, and the catalog's ids.
-pub fn cache_key(heads: &Heads, banks: &BTreeMap<Modality, Bank>, catalog: &Catalog) -> [u8; 32] {
+/// The cache key: the format version, the heads checksum (weights and config), each bank's
+/// whole-file sha256, and the catalog's ids.
+pub fn cache_key(
+    heads: &Heads,
+    bank_digests: &BTreeMap<Modality, [u8; 32]>,
+    catalog: &Catalog,
+) -> [u8; 32] {
     let mut h = Sha256::new();
+    h.update(MAGIC);
+    h.update(VERSION.to_le_bytes());
     h.update(heads.checksum);
-    for (m, bank) in banks {
+    for (m, digest) in bank_digests {
         h.update(m.name().as_bytes());
-        h.update(bank.header.checksum);
+        h.update(digest);
     }
+    h.update((catalog.len() as u64).to_le_bytes());
     for item in catalog.items() {
         h.update(item.id.to_le_bytes());
     }
@@ -70,43 +89,56 @@ pub fn cache_key(heads: &Heads, banks: &BTreeMap<Modality, Bank>, catalog: &Cata
 }
 
 impl ItemVectors {
-    /// Opens the cache in `cache_dir` if it matches, else computes the vectors and tries to
-    /// write the cache there (a read-only location only costs the recomputation next time).
+    /// Opens the cache in `cache_dir` if it matches and is intact, else computes the vectors
+    /// and tries to write the cache there (a read-only location only costs the recomputation
+    /// next time). `bank_digests` are the banks' whole-file sha256 (see [`Bank::file_sha256`]).
     pub fn open_or_build(
         cache_dir: &Path,
         heads: &Heads,
         banks: &BTreeMap<Modality, Bank>,
+        bank_digests: &BTreeMap<Modality, [u8; 32]>,
         catalog: &Catalog,
     ) -> Result<Self> {
-        let key = cache_key(heads, banks, catalog);
+        let key = cache_key(heads, bank_digests, catalog);
         let path = cache_dir.join(format!("item-vectors-{}.bin", &hex(&key)[..16]));
         let modalities = heads.modalities();
-        if let Ok(file) = std::fs::File::open(&path) {
+        let mut warnings = Vec::new();
+        if let Ok(file) = crate::fsutil::open_regular(&path) {
             // SAFETY: cache files are replaced only by rename, never written in place.
             if let Ok(map) = unsafe { Mmap::map(&file) } {
-                if let Ok(v) =
-                    Self::from_storage(Storage::Mapped(map), &key, &modalities, catalog.len())
-                {
-                    return Ok(Self {
-                        path: Some(path),
-                        ..v
-                    });
+                match Self::from_storage(Storage::Mapped(map), &key, &modalities, catalog.len()) {
+                    Ok(v) => {
+                        return Ok(Self {
+                            path: Some(path),
+                            ..v
+                        })
+                    }
+                    Err(e) => warnings.push(format!(
+                        "the item-vector cache {} is damaged ({e}); rebuilding it",
+                        path.display()
+                    )),
                 }
             }
         }
         let bytes = build(&key, heads, banks, catalog)?;
         let written = std::fs::create_dir_all(cache_dir)
             .map_err(anyhow::Error::from)
-            .and_then(|_| write_atomic(&path, |out| Ok(out.write_all(&bytes)?)));
+            .and_then(|_| match std::fs::metadata(&path) {
+                // Something that is not ours sits at the cache's name (a FIFO would block).
+                Ok(m) if !m.is_file() => {
+                    Err(anyhow::anyhow!("{} is not a regular file", path.display()))
+                }
+                _ => write_atomic(&path, |out| Ok(out.write_all(&bytes)?)),
+            });
         let mut v = Self::from_storage(Storage::Memory(bytes), &key, &modalities, catalog.len())?;
         v.computed = true;
-        if let Err(e) = written {
-            eprintln!(
-                "warning: item vectors are not cached ({e:#}); they will be recomputed next time"
-            );
-        } else {
-            v.path = Some(path);
+        match written {
+            Err(e) => warnings.push(format!(
+                "item vectors are not cached ({e:#}); they will be recomputed next time"
+            )),
+            Ok(()) => v.path = Some(path),
         }
+        v.warnings = warnings;
         Ok(v)
     }
 
@@ -125,11 +157,15 @@ impl ItemVectors {
             bincode::decode_from_slice(&bytes[..HEADER_SPACE], config())?;
         ensure!(
             h.magic == MAGIC && h.version == VERSION && &h.key == key,
-            "cache does not match"
+            "its header does not match its name"
         );
         ensure!(
             h.count as usize == count && h.n_modalities as usize == modalities.len(),
-            "cache does not match"
+            "its header does not match the catalog"
+        );
+        ensure!(
+            Sha256::digest(&bytes[HEADER_SPACE..]).as_slice() == h.payload,
+            "checksum mismatch"
         );
         let len = bytes.len();
         let v = Self {
@@ -139,10 +175,14 @@ impl ItemVectors {
             proj_dim: h.proj_dim as usize,
             path: None,
             computed: false,
+            warnings: Vec::new(),
         };
         ensure!(
-            len == v.matrix_offset() + modalities.len() * count * v.proj_dim * 4,
-            "cache has the wrong size"
+            Some(len)
+                == (modalities.len() * count)
+                    .checked_mul(v.proj_dim * 4)
+                    .and_then(|n| n.checked_add(v.matrix_offset())),
+            "it has the wrong size"
         );
         Ok(v)
     }
@@ -229,9 +269,9 @@ fn build(
         },
         count: count as u64,
         key: *key,
+        payload: [0; 32],
     };
     let mut out = vec![0u8; HEADER_SPACE];
-    bincode::encode_into_slice(&header, &mut out, config())?;
     for item in catalog.items() {
         out.extend_from_slice(&item.id.to_le_bytes());
     }
@@ -252,6 +292,12 @@ fn build(
             }
         }
         let projected = heads.item[m].forward_rows(&rows);
+        if let Some(k) = projected.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "item {} projects to a non-finite {m} vector: the heads or the {m} bank are corrupt",
+                catalog.items()[present[k / proj_dim]].id
+            );
+        }
         let mut matrix = vec![0f32; count * proj_dim];
         for (k, &i) in present.iter().enumerate() {
             matrix[i * proj_dim..(i + 1) * proj_dim]
@@ -264,5 +310,10 @@ fn build(
     for matrix in matrices {
         out.extend(matrix.iter().flat_map(|v| v.to_le_bytes()));
     }
+    let header = CacheHeader {
+        payload: Sha256::digest(&out[HEADER_SPACE..]).into(),
+        ..header
+    };
+    bincode::encode_into_slice(&header, &mut out[..HEADER_SPACE], config())?;
     Ok(out)
 }

@@ -1,12 +1,33 @@
 //! The one JSON-lines reader for user files (`score`, `embed`): streams the file line by line as
 //! bytes, so memory stays bounded by the longest line, and a line that is not UTF-8 or not valid
-//! JSON is an error for that line alone, reported with its number.
+//! JSON is an error for that line alone, reported with its number. Also the line formats those
+//! files use ([`ScoreLine`], [`HistoryLine`]).
 
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
+
+/// A `score` input line: `{"user": <any>, "history": [ids], "candidates": [ids]?, "top_k": n?}`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreLine {
+    #[serde(default)]
+    pub user: serde_json::Value,
+    pub history: Vec<u64>,
+    #[serde(default)]
+    pub candidates: Option<Vec<u64>>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+}
+
+/// An `embed` input line: `{"history": [ids], ...}` (other fields are ignored).
+#[derive(Deserialize, Debug)]
+pub struct HistoryLine {
+    pub history: Vec<u64>,
+}
 
 /// Longest line accepted; a longer one is an error for that line (its bytes are skipped).
 pub const MAX_LINE: usize = 16 << 20;
@@ -27,18 +48,21 @@ impl Line {
     }
 }
 
-/// The non-blank lines of a file.
-pub struct Lines {
-    reader: BufReader<File>,
+/// The non-blank lines of a file (or of any buffered reader).
+pub struct Lines<R = BufReader<File>> {
+    reader: R,
     number: usize,
 }
 
 pub fn open(path: &Path) -> Result<Lines> {
     let file = crate::fsutil::open_regular(path)?;
-    Ok(Lines {
-        reader: BufReader::with_capacity(1 << 16, file),
-        number: 0,
-    })
+    Ok(Lines::new(BufReader::with_capacity(1 << 16, file)))
+}
+
+impl<R: BufRead> Lines<R> {
+    pub fn new(reader: R) -> Self {
+        Self { reader, number: 0 }
+    }
 }
 
 /// Number of non-blank lines (one streaming pass).
@@ -51,7 +75,7 @@ pub fn count(path: &Path) -> Result<usize> {
     Ok(n)
 }
 
-impl Iterator for Lines {
+impl<R: BufRead> Iterator for Lines<R> {
     type Item = std::io::Result<Line>;
 
     fn next(&mut self) -> Option<Self::Item> {

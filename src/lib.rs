@@ -11,13 +11,16 @@
 //! - [`eval`]: the evaluation protocol (HR@k, NDCG@k, reference rankers);
 //! - [`rank`]: top-k selection over scored ids (pure);
 //! - [`recommender`]: everything together;
-//! - [`npy`], [`jsonl`], [`fsutil`]: file helpers.
+//! - [`npy`], [`jsonl`], [`fsutil`]: file helpers;
+//! - [`fuzz`]: seeded mutation fuzzing of every parser of outside bytes (tests and
+//!   `examples/fuzz.rs`).
 
 pub mod bank;
 pub mod bundle;
 pub mod catalog;
 pub mod eval;
 pub mod fsutil;
+pub mod fuzz;
 pub mod heads;
 pub mod item_vectors;
 pub mod jsonl;

@@ -18,7 +18,8 @@ use std::ffi::{c_char, CStr, CString};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once, OnceLock};
 
 pub type Token = i32;
 
@@ -32,17 +33,45 @@ const FIRST_BRANCH_SEQ: i32 = 2;
 pub const MAX_BRANCHES: usize = 16;
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+static LOGGER: Once = Once::new();
 
-/// Initialises llama.cpp once per process. Its log goes to stderr only when `verbose` is set by
-/// the first caller; otherwise it is silenced.
-fn backend(verbose: bool) -> &'static LlamaBackend {
-    BACKEND.get_or_init(|| {
-        let mut backend = LlamaBackend::init().expect("llama.cpp backend initialised twice");
-        if !verbose {
-            backend.void_logs();
+/// llama.cpp's and ggml's log, forwarded to stderr only in verbose mode.
+unsafe extern "C" fn forward_log(
+    _level: sys::ggml_log_level,
+    text: *const c_char,
+    _user_data: *mut std::ffi::c_void,
+) {
+    if VERBOSE.load(Ordering::Relaxed) && !text.is_null() {
+        use std::io::Write;
+        // SAFETY: llama.cpp passes a NUL-terminated string.
+        let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+        let _ = std::io::stderr().write_all(text.as_bytes());
+    }
+}
+
+/// Routes llama.cpp's and ggml's log through [`forward_log`] before any other call into them
+/// (GGUF header reads included), so that nothing reaches stderr unless verbose mode is on.
+fn install_logger() {
+    LOGGER.call_once(|| {
+        // SAFETY: a valid callback that lives for the whole process.
+        unsafe {
+            sys::llama_log_set(Some(forward_log), std::ptr::null_mut());
+            sys::ggml_log_set(Some(forward_log), std::ptr::null_mut());
         }
-        backend
-    })
+    });
+}
+
+/// Lets llama.cpp's own log through to stderr (`--verbose`), or silences it (the default).
+pub fn set_verbose(verbose: bool) {
+    VERBOSE.store(verbose, Ordering::Relaxed);
+    install_logger();
+}
+
+/// Initialises llama.cpp once per process (its log stays as [`set_verbose`] set it).
+fn backend() -> &'static LlamaBackend {
+    install_logger();
+    BACKEND.get_or_init(|| LlamaBackend::init().expect("llama.cpp backend initialised twice"))
 }
 
 /// Metadata read from a GGUF header without loading tensors.
@@ -62,6 +91,7 @@ struct GgufFile {
 impl GgufFile {
     fn open(path: &Path) -> Result<Self> {
         check_gguf_magic(path)?;
+        install_logger();
         let c_path = path_to_cstring(path)?;
         let params = sys::gguf_init_params {
             no_alloc: true,
@@ -143,8 +173,33 @@ impl Drop for GgufFile {
 }
 
 impl GgufInfo {
+    /// Reads the metadata of a GGUF file (a regular file: a FIFO or device is refused).
     pub fn read(path: &Path) -> Result<Self> {
         GgufFile::open(path)?.info(path)
+    }
+
+    /// Parses GGUF bytes held in memory (a header is enough: tensor data is not read); `name`
+    /// only names them in messages.
+    pub fn parse(bytes: &[u8], name: &Path) -> Result<Self> {
+        ensure!(
+            bytes.starts_with(b"GGUF"),
+            "{} is not a GGUF model file (wrong magic bytes)",
+            name.display()
+        );
+        install_logger();
+        let params = sys::gguf_init_params {
+            no_alloc: true,
+            ctx: std::ptr::null_mut(),
+        };
+        // SAFETY: the buffer is valid for its length for the whole call; gguf copies what it keeps.
+        let raw = unsafe { sys::gguf_init_from_buffer(bytes.as_ptr().cast(), bytes.len(), params) };
+        let raw = NonNull::new(raw).with_context(|| {
+            format!(
+                "{} is not a readable GGUF file (corrupt or truncated header)",
+                name.display()
+            )
+        })?;
+        GgufFile { raw }.info(name)
     }
 
     /// The factor llama.cpp applies to token-embedding rows inside the graph, and which an
@@ -159,7 +214,7 @@ impl GgufInfo {
 }
 
 fn check_gguf_magic(path: &Path) -> Result<()> {
-    let mut file = std::fs::File::open(path)
+    let mut file = crate::fsutil::open_regular(path)
         .with_context(|| format!("cannot open model {}", path.display()))?;
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic)?;
@@ -269,8 +324,9 @@ pub struct Model {
 
 impl Model {
     pub fn load(path: &Path, opts: &ModelOptions) -> Result<Self> {
+        set_verbose(opts.verbose);
         let info = GgufInfo::read(path)?;
-        backend(opts.verbose);
+        backend();
         let c_path = path_to_cstring(path)?;
         // SAFETY: default params are a valid struct; the path is a valid C string.
         let raw = unsafe {
@@ -420,6 +476,50 @@ pub fn default_threads() -> i32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
 }
 
+/// Most CPU threads accepted: four per available core (more only slows llama.cpp down, and
+/// tens of thousands make it abort).
+pub fn max_threads() -> i32 {
+    default_threads().saturating_mul(4)
+}
+
+/// Checks a thread count against 1..=[`max_threads`].
+pub fn check_threads(n: i32) -> Result<()> {
+    ensure!(
+        (1..=max_threads()).contains(&n),
+        "--threads {n} is out of range: expected 1 to {} (4 × the {} available cores)",
+        max_threads(),
+        default_threads()
+    );
+    Ok(())
+}
+
+impl ContextOptions {
+    /// Checks the thread count (before anything is loaded).
+    pub fn check_threads(&self) -> Result<()> {
+        check_threads(self.n_threads)
+    }
+
+    /// Checks the options against a model before any memory is allocated: the thread count,
+    /// and a context no smaller than 16 positions and no larger than the model was trained
+    /// for (its KV cache grows with it; llama.cpp would try to allocate whatever it is given).
+    pub fn check(&self, info: &GgufInfo) -> Result<()> {
+        self.check_threads()?;
+        ensure!(
+            self.n_ctx >= 16,
+            "--ctx {} is too small: expected at least 16 positions",
+            self.n_ctx
+        );
+        if let Some(max) = info.context_length {
+            ensure!(
+                self.n_ctx as usize <= max,
+                "--ctx {} is larger than the model's training context ({max} positions)",
+                self.n_ctx
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One position of the LLM input: a vocabulary token or a vector in the input-embedding space.
 #[derive(Clone, Copy, Debug)]
 pub enum Input<'a> {
@@ -448,8 +548,7 @@ pub struct Context {
 impl Context {
     /// Creates a context on a shared model.
     pub fn new(model: Arc<Model>, opts: &ContextOptions) -> Result<Self> {
-        ensure!(opts.n_ctx >= 16, "context size {} is too small", opts.n_ctx);
-        ensure!(opts.n_threads >= 1, "--threads must be at least 1");
+        opts.check(&model.info)?;
         let n_batch = opts.n_batch.clamp(1, opts.n_ctx);
         // SAFETY: default params are a valid struct; the context holds an Arc of the model, so the
         // model outlives it.
@@ -844,37 +943,29 @@ impl Drop for Context {
 /// q8_0, q4_k_m, ...). Writes to a temporary file and renames it into place.
 pub fn quantize(input: &Path, output: &Path, type_name: &str, n_threads: i32) -> Result<()> {
     let ftype = quant_type(type_name)?;
+    check_threads(n_threads)?;
     GgufInfo::read(input)?;
-    backend(false);
-    let tmp = output.with_file_name(format!(
-        ".{}.tmp-{}",
-        output
-            .file_name()
-            .context("output is not a file path")?
-            .to_string_lossy(),
-        std::process::id()
-    ));
-    let (c_in, c_tmp) = (path_to_cstring(input)?, path_to_cstring(&tmp)?);
-    // SAFETY: default params are valid; paths are valid C strings.
-    let rc = unsafe {
-        let mut params = sys::llama_model_quantize_default_params();
-        params.ftype = ftype;
-        params.nthread = n_threads;
-        // Allows going from one quantized type to another (or back to f32/f16): the result
-        // carries the input's quantization error, which is the point when measuring it.
-        params.allow_requantize = true;
-        sys::llama_model_quantize(c_in.as_ptr(), c_tmp.as_ptr(), &params)
-    };
-    if rc != 0 {
-        let _ = std::fs::remove_file(&tmp);
-        bail!(
-            "llama.cpp failed to quantize {} to {type_name} (code {rc})",
+    backend();
+    let c_in = path_to_cstring(input)?;
+    crate::fsutil::write_atomic_path(output, |tmp| {
+        let c_tmp = path_to_cstring(tmp)?;
+        // SAFETY: default params are valid; paths are valid C strings.
+        let rc = unsafe {
+            let mut params = sys::llama_model_quantize_default_params();
+            params.ftype = ftype;
+            params.nthread = n_threads;
+            // Allows going from one quantized type to another (or back to f32/f16): the result
+            // carries the input's quantization error, which is the point when measuring it.
+            params.allow_requantize = true;
+            sys::llama_model_quantize(c_in.as_ptr(), c_tmp.as_ptr(), &params)
+        };
+        ensure!(
+            rc == 0,
+            "llama.cpp failed to quantize {} to {type_name} (code {rc}; run with --verbose to see its log)",
             input.display()
         );
-    }
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, output)
-        .with_context(|| format!("cannot move the quantized model to {}", output.display()))
+        Ok(())
+    })
 }
 
 /// The quantization types offered by `illmrec quantize`.
@@ -909,7 +1000,7 @@ fn quant_type(name: &str) -> Result<sys::llama_ftype> {
 
 /// llama.cpp's description of the compute backends compiled in (CPU features, CUDA, Metal).
 pub fn system_info() -> String {
-    backend(false);
+    backend();
     // SAFETY: returns a static C string.
     unsafe {
         CStr::from_ptr(sys::llama_print_system_info())
@@ -920,7 +1011,7 @@ pub fn system_info() -> String {
 
 /// Whether this build can offload layers to a GPU.
 pub fn supports_gpu_offload() -> bool {
-    backend(false);
+    backend();
     // SAFETY: plain query.
     unsafe { sys::llama_supports_gpu_offload() }
 }

@@ -19,8 +19,7 @@ pub enum NpyData {
 
 impl NpyArray {
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = crate::fsutil::read_regular(path)?;
         Self::parse(&bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))
     }
 
@@ -71,10 +70,16 @@ impl NpyArray {
         if shape.is_empty() || shape.len() > 2 {
             bail!("expected a 1-D or 2-D array, found shape {shape:?}");
         }
-        let count: usize = shape.iter().product();
+        let count = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .with_context(|| format!("shape {shape:?} is too large"))?;
         let payload = &bytes[start + header_len..];
         let need = |width: usize| -> Result<&[u8]> {
-            payload.get(..count * width).with_context(|| {
+            let len = count
+                .checked_mul(width)
+                .with_context(|| format!("shape {shape:?} is too large"))?;
+            payload.get(..len).with_context(|| {
                 format!(
                     "payload is truncated: {} bytes for {count} values of {width} bytes",
                     payload.len()

@@ -91,28 +91,52 @@ pub struct Recommender {
 impl Recommender {
     /// Opens a bundle: loads the model (memory-mapped), heads, banks and catalog, checks that
     /// every shape agrees, builds or opens the item-vector cache, and prefills the task text.
+    ///
+    /// Every bundle file it reads (heads, heads config, items, banks) is checked against the
+    /// manifest's sha256 first, so a changed byte anywhere in them is an error, never a different
+    /// answer; only the model file is checked by size, `n_embd` and architecture alone (its
+    /// sha256 is `bundle verify`'s).
     pub fn open(bundle_dir: &Path, opts: Options) -> Result<Self> {
         ensure!(opts.max_history >= 1, "--max-history must be at least 1");
+        opts.context.check_threads()?;
+        crate::llm::set_verbose(opts.model_options.verbose);
         let bundle = Bundle::open(bundle_dir)?;
         let model_path = bundle.model_path(opts.model.as_deref())?;
         let info = GgufInfo::read(&model_path)?;
         bundle.check_model(&model_path, &info)?;
-        let heads = Heads::load(
-            &bundle.file(&bundle.manifest.heads),
-            &bundle.file(&bundle.manifest.heads_config),
+        opts.context.check(&info)?;
+        let m = &bundle.manifest;
+        let heads = Heads::from_bytes(
+            &bundle.read_verified(&m.heads)?,
+            &bundle.file(&m.heads),
+            &bundle.read_verified(&m.heads_config)?,
+            &bundle.file(&m.heads_config),
         )?;
-        let catalog = Catalog::load(&bundle.file(&bundle.manifest.items))?;
-        let banks: BTreeMap<Modality, Bank> = bundle
-            .bank_paths()?
-            .into_iter()
-            .map(|(m, p)| Ok((m, Bank::open(&p)?)))
-            .collect::<Result<_>>()?;
+        let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
+        let mut banks = BTreeMap::new();
+        let mut digests = BTreeMap::new();
+        for (name, file) in &m.banks {
+            let modality = Modality::parse(name)?;
+            let path = bundle.file(file);
+            let bank = Bank::open(&path)?;
+            ensure!(
+                bank.modality == modality,
+                "bank {} holds {} features but the manifest lists it as {modality}",
+                path.display(),
+                bank.modality
+            );
+            let digest = bank.file_sha256();
+            bundle.check_digest(file, &digest)?;
+            bank.check_contents()?;
+            banks.insert(modality, bank);
+            digests.insert(modality, digest);
+        }
         check_dims(&heads, info.n_embd, &banks)?;
         let cache_dir = opts
             .cache_dir
             .clone()
             .unwrap_or_else(|| bundle.dir.join("cache"));
-        let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &catalog)?;
+        let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
         let model = Arc::new(Model::load(&model_path, &opts.model_options)?);
         let mut ctx = Context::new(model, &opts.context)?;
         if opts.reuse_prefix {
@@ -131,6 +155,12 @@ impl Recommender {
             ctx,
             opts,
         })
+    }
+
+    /// Problems met while opening that did not stop it (a damaged item-vector cache that was
+    /// rebuilt, a cache folder that could not be written), for the front end to show.
+    pub fn warnings(&self) -> &[String] {
+        &self.items.warnings
     }
 
     pub fn model(&self) -> &Model {
@@ -165,15 +195,16 @@ impl Recommender {
         Ok(())
     }
 
-    /// The prompt items for a history (oldest first).
-    fn prompt_items(&self, history: &[u64]) -> Result<Vec<PromptItem>> {
+    /// The prompt items for a history (oldest first). Without `vectors`, visual items carry an
+    /// empty vector: enough to measure the prompt without running the adaptor.
+    fn prompt_items(&self, history: &[u64], vectors: bool) -> Result<Vec<PromptItem>> {
         history
             .iter()
-            .map(|&id| self.prompt_item(self.catalog.item(id)?))
+            .map(|&id| self.prompt_item(self.catalog.item(id)?, vectors))
             .collect()
     }
 
-    fn prompt_item(&self, item: &Item) -> Result<PromptItem> {
+    fn prompt_item(&self, item: &Item, vectors: bool) -> Result<PromptItem> {
         let body = match self.opts.prompt_style.unwrap_or(self.heads.config.prompt) {
             PromptStyle::Title => ItemBody::TitleOnly,
             PromptStyle::Description => {
@@ -183,7 +214,10 @@ impl Recommender {
                 self.banks.get(&Modality::Img).and_then(|b| b.get(item.id)),
                 &self.heads.adaptor,
             ) {
-                (Some(row), Some(adaptor)) => ItemBody::Visual(adaptor.forward(&row.to_f32())),
+                (Some(row), Some(adaptor)) => ItemBody::Visual(match vectors {
+                    true => adaptor.forward(&row.to_f32()),
+                    false => Vec::new(),
+                }),
                 _ => match self.opts.missing_image {
                     MissingImage::Title => ItemBody::TitleOnly,
                     MissingImage::Text => self
@@ -223,22 +257,16 @@ impl Recommender {
             "the history is empty: give at least one item id"
         );
         let recent = &history[history.len().saturating_sub(self.opts.max_history)..];
-        let items = self.prompt_items(recent)?;
+        let items = self.prompt_items(recent, false)?;
         let budget = self.ctx.n_ctx() - self.ctx.prefix().len();
-        for start in 0..items.len() {
-            let segments = prompt::build(&items[start..], &self.heads.rec_token);
-            if self.positions(&segments)? <= budget {
-                return Ok((segments, recent[start..].to_vec(), start));
-            }
-        }
-        bail!("the prompt for even one history item does not fit a context of {} positions; raise --ctx", self.ctx.n_ctx())
-    }
-
-    fn positions(&self, segments: &[Segment]) -> Result<usize> {
-        Ok(tokenize(self.model(), segments)?
-            .iter()
-            .map(|p| p.len())
-            .sum())
+        let model = self.model();
+        let mut count = |text: &str, bos: bool| Ok(model.tokenize(text, bos)?.len());
+        let Some(start) = prompt::fit(&items, &self.heads.rec_token, budget, &mut count)? else {
+            bail!("the prompt for even one history item does not fit a context of {} positions; raise --ctx", self.ctx.n_ctx())
+        };
+        let kept = self.prompt_items(&recent[start..], true)?;
+        let segments = prompt::build(&kept, &self.heads.rec_token);
+        Ok((segments, recent[start..].to_vec(), start))
     }
 
     /// Runs the LLM on a history and projects the `[REC]` hidden state through the user heads.
@@ -247,7 +275,7 @@ impl Recommender {
         let pieces = tokenize(self.model(), &segments)?;
         let inputs: Vec<Input> = pieces.iter().flat_map(|p| p.inputs()).collect();
         let hidden = self.ctx.last_hidden(&inputs, self.opts.reuse_prefix)?;
-        let vectors = self.user_vectors(&hidden);
+        let vectors = self.user_vectors(&hidden)?;
         Ok(UserVector {
             vectors,
             hidden,
@@ -258,11 +286,19 @@ impl Recommender {
     }
 
     /// The user vectors `f_u_m(hidden)`, in [`Recommender::modalities`] order.
-    pub fn user_vectors(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
-        self.modalities()
+    pub fn user_vectors(&self, hidden: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let vectors: Vec<Vec<f32>> = self
+            .modalities()
             .iter()
             .map(|m| self.heads.user[m].forward(hidden))
-            .collect()
+            .collect();
+        for (m, v) in self.modalities().iter().zip(&vectors) {
+            ensure!(
+                v.iter().all(|x| x.is_finite()),
+                "the {m} user head produced a non-finite vector: the heads are corrupt"
+            );
+        }
+        Ok(vectors)
     }
 
     /// The `[REC]` hidden states of every prefix of `history` (`history[..1]`, …, `history[..n]`),
@@ -321,6 +357,7 @@ impl Recommender {
     }
 
     /// Scores of the given items (`None` for an item with no feature in any scored modality).
+    /// A NaN or infinite score is an error ([`rank::NonFiniteScore`]), never a number to rank.
     pub fn score_items(&self, user: &UserVector, ids: &[u64]) -> Result<Vec<Option<f32>>> {
         ids.iter()
             .map(|&id| {
@@ -328,7 +365,11 @@ impl Recommender {
                     .catalog
                     .position(id)
                     .with_context(|| format!("item {id} is not in the catalog"))?;
-                Ok(self.items.score(&user.vectors, i))
+                let score = self.items.score(&user.vectors, i);
+                match score {
+                    Some(s) if !s.is_finite() => Err(rank::NonFiniteScore { id, score: s }.into()),
+                    _ => Ok(score),
+                }
             })
             .collect()
     }
@@ -343,6 +384,7 @@ impl Recommender {
         exclude: &HashSet<u64>,
     ) -> Result<Vec<Scored>> {
         Ok(match candidates {
+            Some([]) => bail!("the candidate list is empty: give at least one item id"),
             Some(ids) => {
                 let scores = self.score_items(user, ids)?;
                 rank::top_k(ids.iter().copied().zip(scores), exclude, k)?
@@ -403,13 +445,6 @@ pub enum Piece<'a> {
 }
 
 impl Piece<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Piece::Tokens(t) => t.len(),
-            Piece::Vector(_) => 1,
-        }
-    }
-
     fn inputs(&self) -> Vec<Input<'_>> {
         match self {
             Piece::Tokens(t) => t.iter().map(|&t| Input::Token(t)).collect(),

@@ -212,3 +212,49 @@ fn the_cached_prefix_is_shared_by_every_prompt() {
     assert!(!ctx.prefix().is_empty());
     assert_eq!(ctx.shared_prefix_len(&inputs), ctx.prefix().len());
 }
+
+/// Context fitting (`prompt::fit`, about linear) gives what the scan it replaced gave: the first
+/// start whose prompt fits, every earlier start too long. Checked on the real tokenizer with
+/// images, descriptions in their place and titles only, and with the scan's own measure: the
+/// prompt of `history[s..]` needs dropping for every `s` before the answer, and not after it.
+#[test]
+fn fitting_matches_a_scan_over_every_start() {
+    let ids = bundle().1.clone();
+    let mut history: Vec<u64> = ids.iter().rev().copied().collect();
+    history.extend(&ids);
+    for (missing, n_ctx) in [
+        (MissingImage::Text, 400),
+        (MissingImage::Title, 300),
+        (MissingImage::Text, 1500),
+    ] {
+        let rec = open(Options {
+            context: illmrec::llm::ContextOptions {
+                n_ctx,
+                ..Default::default()
+            },
+            max_history: history.len(),
+            missing_image: missing,
+            ..Options::default()
+        });
+        let task = &illmrec::prompt::template().task;
+        let budget = n_ctx as usize - (rec.model().tokenize(task, true).unwrap().len() - 1);
+        let (segments, used, dropped) = rec.prompt(&history).unwrap();
+        assert!(dropped > 0, "{missing:?} {n_ctx}: nothing to fit");
+        let positions: usize = tokenize(rec.model(), &segments)
+            .unwrap()
+            .iter()
+            .map(|p| match p {
+                illmrec::recommender::Piece::Tokens(t) => t.len(),
+                illmrec::recommender::Piece::Vector(_) => 1,
+            })
+            .sum();
+        assert!(positions <= budget, "{positions} > {budget}");
+        assert_eq!(used, history[dropped..].to_vec());
+        for s in 0..dropped {
+            assert!(
+                rec.prompt(&history[s..]).unwrap().2 > 0,
+                "{missing:?} {n_ctx}: start {s} fits, but the fit chose {dropped}"
+            );
+        }
+    }
+}

@@ -107,8 +107,7 @@ fn read_ids(path: &Path) -> Result<Vec<u64>> {
             })
             .collect();
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = illmrec::fsutil::read_regular_string(path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

@@ -7,7 +7,6 @@ use anyhow::{ensure, Result};
 use clap::Args;
 use illmrec::eval::load_split;
 use illmrec::prompt::PromptStyle;
-use illmrec::recommender::Recommender;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -50,7 +49,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let cases = load_split(&a.dataset, "test")?;
     let t0 = Instant::now();
     let opts = a.runtime.options();
-    let mut rec = Recommender::open(&a.bundle, opts.clone())?;
+    let mut rec = super::open_recommender(&a.bundle, opts.clone())?;
     let open_s = t0.elapsed().as_secs_f64();
     let cache_built = rec.items.computed;
     let rss_after_open = memory_kib("VmRSS");

@@ -10,11 +10,9 @@
 use super::RuntimeArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use illmrec::jsonl;
+use illmrec::jsonl::{self, HistoryLine};
 use illmrec::npy::RowWriter;
-use illmrec::recommender::Recommender;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -44,11 +42,6 @@ pub struct EmbedArgs {
     restart: bool,
 }
 
-#[derive(Deserialize)]
-struct HistoryLine {
-    history: Vec<u64>,
-}
-
 fn user_path(output: &Path) -> PathBuf {
     let stem = output.file_stem().unwrap_or_default().to_string_lossy();
     output.with_file_name(format!("{stem}.user.npy"))
@@ -72,7 +65,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     if n == 0 {
         bail!("{} has no history lines", a.input.display());
     }
-    let mut rec = Recommender::open(&a.bundle, a.runtime.options())?;
+    let mut rec = super::open_recommender(&a.bundle, a.runtime.options())?;
     let n_embd = rec.model().n_embd();
     let user_cols = rec.modalities().len() * rec.heads.config.proj_dim;
     let mut hidden = RowWriter::open(&a.output, n, n_embd, !a.restart)?;
@@ -120,7 +113,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
                 for state in &states {
                     hidden.push(state)?;
                     if let Some(w) = user.as_mut() {
-                        w.push(&rec.user_vectors(state).concat())?;
+                        w.push(&rec.user_vectors(state)?.concat())?;
                     }
                 }
                 Ok(states.len())

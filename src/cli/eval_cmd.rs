@@ -151,7 +151,7 @@ impl Scorer {
         Ok(match a.ranker {
             Ranker::Llm => {
                 let bundle = a.bundle.as_ref().context("--ranker llm needs --bundle")?;
-                let rec = Recommender::open(bundle, a.runtime.options())?;
+                let rec = super::open_recommender(bundle, a.runtime.options())?;
                 if !rec.heads.config.trained {
                     eprintln!("{}", untrained_warning(&rec.heads.config.provenance));
                 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use illmrec::heads::WeightDtype;
 use illmrec::llm::{self, ContextOptions, ModelOptions};
-use illmrec::recommender::{MissingImage, Options};
+use illmrec::recommender::{MissingImage, Options, Recommender};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -156,6 +156,15 @@ pub enum FlashAttn {
     Off,
 }
 
+/// Opens a recommender and shows on stderr what went wrong without stopping it.
+pub fn open_recommender(bundle: &std::path::Path, opts: Options) -> Result<Recommender> {
+    let rec = Recommender::open(bundle, opts)?;
+    for w in rec.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(rec)
+}
+
 /// Parses "1,2,3" into item ids, naming the entry that is not a number.
 pub fn parse_ids(text: &str, what: &str) -> Result<Vec<u64>> {
     text.split(',')
@@ -191,9 +200,8 @@ struct InitHeadsArgs {
 }
 
 fn init_heads(a: InitHeadsArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("cannot read {}", a.config.display()))?;
-    let cfg: illmrec::heads::HeadsConfig = serde_json::from_str(&text)
+    let bytes = illmrec::fsutil::read_regular(&a.config)?;
+    let cfg = illmrec::heads::HeadsConfig::parse(&bytes)
         .with_context(|| format!("heads config {} is not valid", a.config.display()))?;
     anyhow::ensure!(
         !cfg.trained,
@@ -223,9 +231,13 @@ struct QuantizeArgs {
     ty: String,
     #[arg(long)]
     threads: Option<i32>,
+    /// Show llama.cpp's own log.
+    #[arg(long)]
+    verbose: bool,
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
+    llm::set_verbose(a.verbose);
     llm::quantize(
         &a.input,
         &a.output,

@@ -5,7 +5,7 @@ use super::{parse_ids, RuntimeArgs};
 use anyhow::Result;
 use clap::Args;
 use illmrec::prompt::render;
-use illmrec::recommender::{tokenize, Piece, Recommender};
+use illmrec::recommender::{tokenize, Piece};
 
 #[derive(Args)]
 pub struct PromptArgs {
@@ -24,7 +24,7 @@ pub struct PromptArgs {
 
 pub fn run(a: PromptArgs) -> Result<()> {
     let history = parse_ids(&a.history, "--history")?;
-    let rec = Recommender::open(&a.bundle, a.runtime.options())?;
+    let rec = super::open_recommender(&a.bundle, a.runtime.options())?;
     let (segments, used, dropped) = rec.prompt(&history)?;
     let pieces = tokenize(rec.model(), &segments)?;
     let tokens: Vec<Option<i32>> = pieces

@@ -3,7 +3,6 @@
 use super::{parse_ids, untrained_warning, RuntimeArgs};
 use anyhow::{ensure, Result};
 use clap::Args;
-use illmrec::recommender::Recommender;
 use std::collections::HashSet;
 
 #[derive(Args)]
@@ -41,8 +40,12 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         .as_deref()
         .map(|c| parse_ids(c, "--candidates"))
         .transpose()?;
+    ensure!(
+        candidates.as_ref().is_none_or(|c| !c.is_empty()),
+        "--candidates is empty: give at least one item id, or leave it out to rank the whole catalog"
+    );
     ensure!(a.top_k >= 1, "--top-k must be at least 1");
-    let mut rec = Recommender::open(&a.bundle, a.runtime.options())?;
+    let mut rec = super::open_recommender(&a.bundle, a.runtime.options())?;
     for id in history.iter().chain(candidates.iter().flatten()) {
         rec.catalog.item(*id)?;
     }

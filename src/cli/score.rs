@@ -2,15 +2,16 @@
 //!
 //! Input lines: `{"user": <any>, "history": [ids], "candidates": [ids]?, "top_k": n?}`.
 //! Output lines: `{"user": <same>, "items": [{"id", "score"}...], "history_used": n}`.
-//! A malformed line is reported on stderr with its number, skipped and counted.
+//! A malformed line (not UTF-8, not JSON, unknown ids) is reported on stderr with its number,
+//! skipped and counted. Input and output are streamed: memory is bounded by the longest line.
 
 use super::{untrained_warning, RuntimeArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use illmrec::fsutil::write_atomic;
+use illmrec::jsonl::{self, ScoreLine};
 use illmrec::recommender::Recommender;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::PathBuf;
 
@@ -35,74 +36,58 @@ pub struct ScoreArgs {
     include_seen: bool,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UserLine {
-    #[serde(default)]
-    user: serde_json::Value,
-    history: Vec<u64>,
-    #[serde(default)]
-    candidates: Option<Vec<u64>>,
-    #[serde(default)]
-    top_k: Option<usize>,
-}
-
 pub fn run(a: ScoreArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.input)
-        .with_context(|| format!("cannot read {}", a.input.display()))?;
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| (n + 1, l))
-        .collect();
-    let mut rec = Recommender::open(&a.bundle, a.runtime.options())?;
+    let total = jsonl::count(&a.input)?;
+    let mut rec = super::open_recommender(&a.bundle, a.runtime.options())?;
     if !rec.heads.config.trained {
         eprintln!("{}", untrained_warning(&rec.heads.config.provenance));
     }
-    let bar = ProgressBar::new(lines.len() as u64);
+    let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} users  {per_sec}  ETA {eta}").unwrap(),
     );
-    let mut out = Vec::new();
-    let mut skipped = 0usize;
-    for (n, line) in lines {
-        match score_line(&mut rec, line, &a) {
-            Ok(json) => out.push(json),
-            Err(e) => {
-                bar.suspend(|| {
-                    eprintln!(
-                        "{}:{n}: skipped: {}",
-                        a.input.display(),
-                        format!("{e:#}").replace('\n', " ")
-                    )
-                });
-                skipped += 1;
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    let (mut scored, mut skipped) = (0usize, 0usize);
+    // Lines stream in and results stream out to the temporary file that replaces the output at
+    // the end: memory stays bounded by one line, and a killed run leaves the old output.
     write_atomic(&a.output, |w| {
-        for line in &out {
-            writeln!(w, "{line}")?;
+        for line in jsonl::open(&a.input)? {
+            let line = line.with_context(|| format!("cannot read {}", a.input.display()))?;
+            match score_line(&mut rec, &line, &a) {
+                Ok(json) => {
+                    writeln!(w, "{json}")?;
+                    scored += 1;
+                }
+                Err(e) => {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "{}:{}: skipped: {}",
+                            a.input.display(),
+                            line.number,
+                            format!("{e:#}").replace('\n', " ")
+                        )
+                    });
+                    skipped += 1;
+                }
+            }
+            bar.inc(1);
         }
         Ok(())
     })?;
+    bar.finish_and_clear();
     eprintln!(
-        "scored {} users, skipped {skipped} malformed lines; wrote {}",
-        out.len(),
+        "scored {scored} users, skipped {skipped} malformed lines; wrote {}",
         a.output.display()
     );
-    if out.is_empty() && skipped > 0 {
+    if scored == 0 && skipped > 0 {
         bail!("no line of {} could be scored", a.input.display());
     }
     Ok(())
 }
 
-fn score_line(rec: &mut Recommender, line: &str, a: &ScoreArgs) -> Result<String> {
-    let u: UserLine =
-        serde_json::from_str(line).context("not a valid user line (needs \"history\": [ids])")?;
+fn score_line(rec: &mut Recommender, line: &jsonl::Line, a: &ScoreArgs) -> Result<String> {
+    let u: ScoreLine = line
+        .parse()
+        .context("not a valid user line (needs \"history\": [ids])")?;
     if u.history.is_empty() {
         bail!("history is empty");
     }

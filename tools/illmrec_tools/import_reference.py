@@ -40,14 +40,41 @@ def load_tensor(path):
     return torch.load(path, map_location="cpu", weights_only=True).float().contiguous().clone()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "added_tokens.json")
+
+
+def check_layout(checkpoint, data):
+    """Fails with one line (not a traceback) when the checkpoint or data folder lacks a file the
+    import needs, before anything is loaded."""
+    need = [checkpoint / "config.json", checkpoint / "llm_parameter" / "token_embed.pth",
+            checkpoint / "rec_module" / "model.safetensors", data / "meta_info.json"]
+    for path in need:
+        if not path.is_file():
+            raise SystemExit(f"import_reference: {path} is missing (see the layout in --help)")
+    llm = checkpoint / "llm"
+    if not any((llm / f).is_file() for f in TOKENIZER_FILES):
+        raise SystemExit(f"import_reference: {llm} has no tokenizer files (expected one of "
+                         f"{', '.join(TOKENIZER_FILES)}, saved with the {I_VIS} token)")
+
+
 def i_vis_id(llm_dir):
     """The id of <i_vis> in the checkpoint's tokenizer."""
     added = Path(llm_dir) / "added_tokens.json"
     if added.exists():
-        return json.loads(added.read_text())[I_VIS]
+        ids = json.loads(added.read_text())
+        if I_VIS not in ids:
+            raise SystemExit(f"import_reference: {added} has no {I_VIS} token")
+        return ids[I_VIS]
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(llm_dir).convert_tokens_to_ids(I_VIS)
+    try:
+        tok = AutoTokenizer.from_pretrained(llm_dir)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"import_reference: cannot load the tokenizer in {llm_dir}: {e}".replace("\n", " "))
+    id_ = tok.convert_tokens_to_ids(I_VIS)
+    if id_ is None or id_ == tok.unk_token_id:
+        raise SystemExit(f"import_reference: the tokenizer in {llm_dir} has no {I_VIS} token")
+    return id_
 
 
 def heads_config(weights, source):
@@ -89,6 +116,7 @@ def import_checkpoint(checkpoint, data, out, base_gguf=DEFAULT_GGUF, embed_type=
     """Writes the bundle `out` and returns it. `sasrec` defaults to rec_cfg.recsys_model_path
     when that file exists."""
     checkpoint, data, out = Path(checkpoint), Path(data), Path(out)
+    check_layout(checkpoint, data)
     config = json.loads((checkpoint / "config.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
 

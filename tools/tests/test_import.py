@@ -127,3 +127,23 @@ def test_recommend_runs_and_tokens_match(imported):
     assert len(scores) == len(TITLES) and np.isfinite(scores).all()
     ref, ours = check_tokens(ckpt, bundle, [0, 1, 3])
     assert ref == ours and ours.count(None) == 4  # three visual tokens and [REC]
+
+
+def test_a_checkpoint_without_tokenizer_files_is_one_line(tmp_path):
+    """An llm/ folder without tokenizer files ends in one error line, not a traceback."""
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    for d in (ckpt / "llm", ckpt / "llm_parameter", ckpt / "rec_module", data):
+        d.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "llm_parameter" / "token_embed.pth").write_bytes(b"x")
+    (ckpt / "rec_module" / "model.safetensors").write_bytes(b"x")
+    (data / "meta_info.json").write_text("{}")
+    import sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, "-m", "illmrec_tools.import_reference", "--checkpoint", str(ckpt),
+                        "--data", str(data), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "has no tokenizer files" in r.stderr, r.stderr
