@@ -258,3 +258,36 @@ fn fitting_matches_a_scan_over_every_start() {
         }
     }
 }
+
+/// `encode_prefixes` (one decode, a branch per prefix) gives every prefix the state a cold
+/// `encode_user` gives it: the full history exactly (same batch shapes), the shorter prefixes
+/// within llama.cpp's batch-shape noise; with items lacking an image among them too.
+#[test]
+fn prefix_branches_match_cold_prompts() {
+    let mut rec = open(Options::default());
+    let ids = bundle().1.clone();
+    let history: Vec<u64> = ids[..8].to_vec(); // items 2 and 5 have no image
+    let states = rec.encode_prefixes(&history).unwrap();
+    assert_eq!(states.len(), history.len());
+    for k in 1..=history.len() {
+        let cold = rec.encode_user(&history[..k]).unwrap().hidden;
+        let got = &states[k - 1];
+        let dot: f32 = cold.iter().zip(got).map(|(a, b)| a * b).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let cos = dot / (norm(&cold) * norm(got));
+        if k == history.len() {
+            // The same computation, but its [REC] row shares a batch with the other branches'
+            // (llama.cpp's repacked kernels may tile rows differently): equal here, near-equal allowed.
+            assert!(cos > 0.9999, "full history: cosine {cos}");
+        } else {
+            assert!(cos > 0.99, "prefix of {k} items: cosine {cos}");
+        }
+    }
+    // More prefixes than one batch of branches holds.
+    let long: Vec<u64> = ids[..20].to_vec();
+    let mut opts = Options::default();
+    opts.max_history = 20;
+    let mut rec = open(opts);
+    assert_eq!(rec.encode_prefixes(&long).unwrap().len(), 20);
+    assert!(rec.encode_prefixes(&[]).is_err());
+}

@@ -174,6 +174,19 @@ impl Scorer {
         let candidates = case.candidates();
         Ok(match self {
             Scorer::Llm(rec) => {
+                if let Some(id) = case
+                    .history
+                    .iter()
+                    .chain(&candidates)
+                    .find(|&&id| rec.catalog.get(id).is_none())
+                {
+                    anyhow::bail!(
+                        "user {}: item {id} is not in the bundle's catalog; a bundle is evaluated on a \
+                         dataset prepared for its catalog (for the demo bundle: prepare --dataset \
+                         ml-latest-small --min-item-ratings 20, see the README)",
+                        case.key()
+                    );
+                }
                 let user = rec
                     .encode_user(&case.history)
                     .with_context(|| format!("user {}", case.key()))?;

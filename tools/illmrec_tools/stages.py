@@ -200,7 +200,7 @@ class Standardize:
 
 
 def train_heads(x, targets, xv, valid, feats, epochs=60, batch=256, lr=1e-3, wd=1e-4, patience=6, seed=42,
-                negatives=0, item_heads=None, log=print):
+                negatives=0, item_heads=None, noise=0.0, log=print):
     """Softmax cross-entropy of each window's target against the whole catalog (negatives=0) or
     against the batch's targets plus `negatives` uniformly sampled items (a sampled softmax), on
     the combined score and on each modality's score."""
@@ -227,7 +227,8 @@ def train_heads(x, targets, xv, valid, feats, epochs=60, batch=256, lr=1e-3, wd=
                 yb = yb[:len(idx)]
             else:
                 items, yb = None, y[idx]
-            per, comb = heads.scores(feats, x[idx], items)
+            xb = x[idx] + noise * torch.randn(len(idx), x.shape[1], generator=g) if noise else x[idx]
+            per, comb = heads.scores(feats, xb, items)
             loss = ce(comb, yb)
             for m in MODALITIES:  # per modality, over the windows whose target has it
                 has = feats.mask[m][y[idx]]
@@ -333,7 +334,7 @@ def cmd_heads(a):
         x, windows = x[:a.max_windows], windows[:a.max_windows]
     print(f"heads: {len(x)} training windows, input {x.shape[1]}-d ({a.user_input})", flush=True)
     heads, history = train_heads(x, [w["target"] for w in windows], xv, valid, feats, epochs=a.epochs,
-                                 batch=a.batch_size, lr=a.lr, negatives=a.negatives, patience=a.patience, seed=a.seed,
+                                 batch=a.batch_size, lr=a.lr, negatives=a.negatives, noise=a.noise, wd=a.weight_decay, patience=a.patience, seed=a.seed,
                                  item_heads=torch.load(a.item_heads) if a.item_heads else None,
                                  log=lambda s: print(s, flush=True))
     a.out.mkdir(parents=True, exist_ok=True)
@@ -372,6 +373,26 @@ def cmd_heads(a):
     write_json(a.out / "summary.json", summary)
 
 
+def cmd_compare(a):
+    """HR@k of each ranks file and paired bootstrap 95 % intervals of every pairwise difference
+    over the users all files share (users resampled with replacement, seeded)."""
+    runs = {}
+    for spec in a.ranks:
+        name, path = spec.split("=", 1)
+        runs[name] = {str(r["user"]): int(r["rank"]) for r in read_jsonl(path)}
+    users = sorted(set.intersection(*(set(r) for r in runs.values())))
+    hit = {n: np.array([r[u] < a.k for u in users], dtype=float) for n, r in runs.items()}
+    rng = np.random.default_rng(a.seed)
+    boot = rng.integers(0, len(users), size=(a.samples, len(users)))
+    print(f"{len(users)} users; HR@{a.k}: " + ", ".join(f"{n} {h.mean():.4f}" for n, h in hit.items()))
+    names = list(runs)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            d = hit[x] - hit[y]
+            lo, hi = np.percentile(d[boot].mean(1), [2.5, 97.5])
+            print(f"{x} - {y}: {d.mean():+.4f} 95% CI [{lo:+.4f}, {hi:+.4f}]")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -402,14 +423,22 @@ def main(argv=None):
     h.add_argument("--patience", type=int, default=6)
     h.add_argument("--lr", type=float, default=1e-3)
     h.add_argument("--batch-size", type=int, default=256)
+    h.add_argument("--noise", type=float, default=0.0,
+                   help="Gaussian noise (in standard deviations) added to the standardised user input while training")
+    h.add_argument("--weight-decay", type=float, default=1e-4)
     h.add_argument("--negatives", type=int, default=0,
                    help="sampled negatives per batch (0: softmax over the whole catalog)")
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("--dtype", choices=["f32", "f16"], default="f32")
     h.add_argument("--no-bundle", action="store_true")
+    c = sub.add_parser("compare", help="HR@k and paired bootstrap intervals of ranks files")
+    c.add_argument("ranks", nargs="+", help="NAME=ranks.jsonl (lines with user and rank)")
+    c.add_argument("--k", type=int, default=5)
+    c.add_argument("--samples", type=int, default=10000)
+    c.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    {"windows": cmd_windows, "init": cmd_init, "heads": cmd_heads}[a.cmd](a)
+    {"windows": cmd_windows, "init": cmd_init, "heads": cmd_heads, "compare": cmd_compare}[a.cmd](a)
 
 
 if __name__ == "__main__":

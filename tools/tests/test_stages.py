@@ -65,11 +65,13 @@ def test_states_heads_export(tiny, tmp_path):
     assert states.shape == (sum(len(c["history"]) for c in chunks), 640) and np.isfinite(states).all()
     assert user.shape == (len(states), 3 * 512)
     assert not (run / "train.npy.partial").exists()
-    # The full-chunk row of --prefixes is the same computation as a plain prompt of that chunk.
+    # The full-chunk row of --prefixes is the same computation as a plain prompt of that chunk
+    # (its [REC] row shares a batch with the other prefixes', so allow llama.cpp's tiling noise).
     first = tmp_path / "first.jsonl"
     first.write_text(json.dumps({"history": chunks[0]["history"]}) + "\n")
     illmrec("embed", "--bundle", bundle, "--input", first, "--output", tmp_path / "first.npy", "--threads", 2)
-    np.testing.assert_array_equal(np.load(tmp_path / "first.npy")[0], states[len(chunks[0]["history"]) - 1])
+    a, b = np.load(tmp_path / "first.npy")[0], states[len(chunks[0]["history"]) - 1]
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9999
 
     out = run / "heads"
     stages.main(["heads", "--dataset", str(tiny), "--states", str(run), "--windows", str(run / "windows.jsonl"),
