@@ -190,15 +190,20 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
                 out.flush()?;
                 drop(out);
                 tmp.as_file().sync_all()?;
-                tmp.persist(&real)
-                    .map_err(|e| e.error)
-                    .with_context(|| format!("cannot move the new file to {}", real.display()))?;
-                sync_dir(&split_path(&real)?.0);
-                Ok(())
+                persist(tmp.into_temp_path(), &real)
             }
         }
     })();
     result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Renames a synced temporary file over `real` and syncs the folder, so the rename survives a crash.
+fn persist(tmp: tempfile::TempPath, real: &Path) -> Result<()> {
+    tmp.persist(real)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot move the new file to {}", real.display()))?;
+    sync_dir(&split_path(real)?.0);
+    Ok(())
 }
 
 /// Like [`write_atomic`] for a writer that needs a path (llama.cpp's quantizer): `write` fills
@@ -216,11 +221,7 @@ pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         let tmp = temp_beside(&real)?.into_temp_path();
         write(&tmp)?;
         File::open(&tmp)?.sync_all()?;
-        tmp.persist(&real)
-            .map_err(|e| e.error)
-            .with_context(|| format!("cannot move the new file to {}", real.display()))?;
-        sync_dir(&split_path(&real)?.0);
-        Ok(())
+        persist(tmp, &real)
     })();
     result.with_context(|| format!("cannot write {}", path.display()))
 }

@@ -9,12 +9,7 @@ use std::sync::OnceLock;
 /// (work dir, bundle dir, item ids), built once per test run.
 fn setup() -> &'static (PathBuf, PathBuf, Vec<u64>) {
     static S: OnceLock<(PathBuf, PathBuf, Vec<u64>)> = OnceLock::new();
-    S.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-test");
-        let _ = std::fs::remove_dir_all(&dir);
-        let ids = common::build_bundle(&dir, 40);
-        (dir.clone(), dir.join("bundle"), ids)
-    })
+    S.get_or_init(|| common::fresh_bundle("cli-test"))
 }
 
 fn bundle() -> String {
@@ -30,17 +25,7 @@ fn ids(k: &[usize]) -> String {
 
 /// A copy of the test bundle to damage.
 fn bundle_copy(name: &str) -> PathBuf {
-    let dst = setup().0.join(name);
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&setup().1).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-        }
-    }
-    // Keep the model path valid: it is stored relative to the bundle, and the copy sits beside it.
-    dst
+    common::copy_bundle(&setup().1, &setup().0.join(name))
 }
 
 #[test]

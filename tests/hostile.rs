@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_clean_error, illmrec};
+use common::{assert_clean_error, illmrec, s};
 use illmrec::heads::{encode_safetensors, random_tensors, HeadsConfig, WeightDtype};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -15,16 +15,7 @@ use std::time::{Duration, Instant};
 /// (work dir, bundle dir, item ids), built once per test run.
 fn setup() -> &'static (PathBuf, PathBuf, Vec<u64>) {
     static S: OnceLock<(PathBuf, PathBuf, Vec<u64>)> = OnceLock::new();
-    S.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hostile-test");
-        let _ = std::fs::remove_dir_all(&dir);
-        let ids = common::build_bundle(&dir, 40);
-        (dir.clone(), dir.join("bundle"), ids)
-    })
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+    S.get_or_init(|| common::fresh_bundle("hostile-test"))
 }
 
 fn history() -> String {
@@ -34,16 +25,7 @@ fn history() -> String {
 
 /// A copy of the test bundle to damage (beside it, so the model path stays valid).
 fn bundle_copy(name: &str) -> PathBuf {
-    let dst = setup().0.join(name);
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&setup().1).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-        }
-    }
-    dst
+    common::copy_bundle(&setup().1, &setup().0.join(name))
 }
 
 /// Replaces a bundle file and records its new size and sha256 in the manifest, so that only the

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::s;
 use illmrec::bundle::Bundle;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,18 +15,10 @@ use std::time::{Duration, Instant};
 /// Kills per command (seeded delays, so every run of the suite kills at the same points).
 const KILLS: u64 = 5;
 
+/// (work dir, bundle dir, item ids), built once per test run.
 fn setup() -> &'static (PathBuf, PathBuf, Vec<u64>) {
     static S: OnceLock<(PathBuf, PathBuf, Vec<u64>)> = OnceLock::new();
-    S.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kill-test");
-        let _ = std::fs::remove_dir_all(&dir);
-        let ids = common::build_bundle(&dir, 40);
-        (dir.clone(), dir.join("bundle"), ids)
-    })
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+    S.get_or_init(|| common::fresh_bundle("kill-test"))
 }
 
 /// Runs the CLI to the end and returns how long it took.

@@ -195,3 +195,30 @@ fn write_features(dir: &Path, name: &str, ids: &[i64], dim: usize) {
     )
     .unwrap();
 }
+
+/// A fresh work folder `CARGO_TARGET_TMPDIR/<name>` with the 40-item test bundle in `bundle/`:
+/// (work dir, bundle dir, item ids). Each test binary keeps one in a `OnceLock`.
+pub fn fresh_bundle(name: &str) -> (PathBuf, PathBuf, Vec<u64>) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let ids = build_bundle(&dir, 40);
+    (dir.clone(), dir.join("bundle"), ids)
+}
+
+/// A copy of the files of bundle `src` in `dst` (beside it, so the model path stays valid).
+pub fn copy_bundle(src: &Path, dst: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dst);
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    dst.to_path_buf()
+}
+
+/// A path as a string argument.
+pub fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}

@@ -58,24 +58,24 @@ def chunks(train_rows, max_history=MAX_HISTORY):
 
 
 def sample_chunks(train_rows, budget, seed=42, max_history=MAX_HISTORY):
-    """Chunks holding about `budget` windows: one random chunk per user first, then the others in
-    random order; the file order is shuffled, so any prefix of it is a uniform sample."""
+    """Chunks holding about `budget` windows: one random chunk of every user (even past the
+    budget), then others at random until the budget is met; the file order is shuffled, so any
+    prefix of it is a uniform sample."""
     all_chunks = list(chunks(train_rows, max_history))
     rng = np.random.default_rng(seed)
     by_user = {}
     for k, c in enumerate(all_chunks):
         by_user.setdefault(c["user"], []).append(k)
-    order = [int(rng.choice(ks)) for ks in by_user.values()]
-    rng.shuffle(order)
-    first = set(order)
-    order += [int(k) for k in rng.permutation(len(all_chunks)) if k not in first]
-    out, n = [], 0
-    for k in order:
+    first = [int(rng.choice(ks)) for ks in by_user.values()]
+    chosen, n, taken = list(first), sum(len(all_chunks[k]["targets"]) for k in first), set(first)
+    for k in rng.permutation(len(all_chunks)):
         if n >= budget:
             break
-        out.append(all_chunks[k])
-        n += len(all_chunks[k]["targets"])
-    return out, sum(len(c["targets"]) for c in all_chunks)
+        if int(k) not in taken:
+            chosen.append(int(k))
+            n += len(all_chunks[k]["targets"])
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    return [all_chunks[k] for k in chosen], sum(len(c["targets"]) for c in all_chunks)
 
 
 def expand(chunk_rows):

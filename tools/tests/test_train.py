@@ -10,10 +10,9 @@ import torch
 from illmrec_tools import train as tr
 from illmrec_tools.export import build_bundle
 from illmrec_tools.parity import illmrec
-from conftest import MLSMALL
+from conftest import tiny_dataset
 
 from illmrec_tools.llm import load_llm, segments, tokenize
-from illmrec_tools.prepare import prepare
 
 
 
@@ -27,22 +26,7 @@ def llm():
 def tiny(tmp_path_factory):
     """The first 40 users of the real ml-latest-small (6 of them for training), with seeded random
     features: image rows only for items that have a poster, text and CF rows for all."""
-    d = tmp_path_factory.mktemp("tiny")
-    prepare("ml-latest-small", MLSMALL, d, max_users=40)
-    items = [json.loads(line) for line in (d / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-    ids = np.array([it["id"] for it in items], dtype=np.int64)
-    with_poster = np.array([it["id"] for it in items if it["image"]], dtype=np.int64)
-    rng = np.random.default_rng(0)
-    (d / "features").mkdir()
-    text = rng.normal(size=(len(ids), 384)).astype(np.float32)
-    for name, rows, x in (("image", with_poster, rng.random((len(with_poster), 1024), dtype=np.float32) * 6),
-                          ("text", ids, text / np.linalg.norm(text, axis=1, keepdims=True)),
-                          ("cf", ids, rng.normal(size=(len(ids), 50)).astype(np.float32))):
-        np.save(d / "features" / f"{name}.npy", x)
-        np.save(d / "features" / f"{name}.ids.npy", rows)
-    lines = (d / "train.jsonl").read_text(encoding="utf-8").splitlines()[:6]
-    (d / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
+    return tiny_dataset(tmp_path_factory.mktemp("tiny"), 40, train_users=6)
 
 
 def test_prompt_matches_runtime(llm, tiny, tmp_path):
