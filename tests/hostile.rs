@@ -23,6 +23,23 @@ fn history() -> String {
     format!("{},{},{}", ids[0], ids[1], ids[2])
 }
 
+/// `info` and `recommend` with `--model MODEL`: the two ways a bad model file reaches the runtime.
+fn model_commands(model: &Path) -> [Vec<String>; 2] {
+    let m = s(model);
+    [
+        vec!["info".into(), "--model".into(), m.clone()],
+        vec![
+            "recommend".into(),
+            "--bundle".into(),
+            s(&setup().1),
+            "--history".into(),
+            history(),
+            "--model".into(),
+            m,
+        ],
+    ]
+}
+
 /// A copy of the test bundle to damage (beside it, so the model path stays valid).
 fn bundle_copy(name: &str) -> PathBuf {
     common::copy_bundle(&setup().1, &setup().0.join(name))
@@ -276,23 +293,12 @@ fn inputs_that_are_not_regular_files_are_refused() {
     let fifo = dir.join("model.fifo");
     let _ = std::fs::remove_file(&fifo);
     mkfifo(&fifo);
-    let b = s(&setup().1);
-    let h = history();
     let limit = Duration::from_secs(60);
-    for args in [
-        vec!["info", "--model", &s(&fifo)],
-        vec![
-            "recommend",
-            "--bundle",
-            &b,
-            "--history",
-            &h,
-            "--model",
-            &s(&fifo),
-        ],
-    ] {
+    for args in model_commands(&fifo) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_clean_error(&illmrec_within(&args, limit), &s(&fifo));
     }
+    let (b, h) = (s(&setup().1), history());
     let out = illmrec_within(
         &[
             "recommend",
@@ -468,20 +474,8 @@ fn llama_log_stays_quiet_before_the_error_line() {
     let trunc = dir.join("model.gguf");
     let bytes = std::fs::read(common::model_path()).unwrap();
     std::fs::write(&trunc, &bytes[..4096]).unwrap();
-    let b = s(&setup().1);
-    let h = history();
-    for args in [
-        vec!["info", "--model", &s(&trunc)],
-        vec![
-            "recommend",
-            "--bundle",
-            &b,
-            "--history",
-            &h,
-            "--model",
-            &s(&trunc),
-        ],
-    ] {
+    for args in model_commands(&trunc) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = illmrec(&args);
         assert_clean_error(&out, "not a readable GGUF file");
         let stderr = String::from_utf8_lossy(&out.stderr);
