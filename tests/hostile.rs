@@ -499,20 +499,8 @@ fn quantize_into_a_missing_folder_says_so() {
 fn bundle_create_never_replaces_what_is_not_a_bundle() {
     let src = &setup().0;
     let create = |out: &Path| {
-        illmrec(&[
-            "bundle",
-            "create",
-            "--out",
-            &s(out),
-            "--heads",
-            &s(&src.join("heads-src.safetensors")),
-            "--heads-config",
-            &s(&src.join("heads-config.json")),
-            "--items",
-            &s(&src.join("items.jsonl")),
-            "--model",
-            &s(&common::model_path()),
-        ])
+        let args = common::bundle_create_args(src, out, &src.join("heads-src.safetensors"), false);
+        illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let dir = src.join("not-bundles");
     let _ = std::fs::remove_dir_all(&dir);

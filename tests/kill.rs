@@ -117,29 +117,7 @@ fn bundle_create_killed_leaves_a_usable_bundle() {
     let dir = src.join("kill-bundle");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("b");
-    let create = |heads: &Path| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "bundle",
-            "create",
-            "--out",
-            &s(&out),
-            "--heads",
-            &s(heads),
-            "--heads-config",
-            &s(&src.join("heads-config.json")),
-            "--items",
-            &s(&src.join("items.jsonl")),
-            "--model",
-            &s(&common::model_path()),
-        ]
-        .map(String::from)
-        .to_vec();
-        for m in ["img", "text"] {
-            a.push("--bank".into());
-            a.push(format!("{m}={}", s(&src.join(format!("{m}-src.bank")))));
-        }
-        a
-    };
+    let create = |heads: &Path| common::bundle_create_args(src, &out, heads, true);
     // Other heads for the new bundle, so that old and new manifests differ.
     let cfg = std::fs::read(src.join("heads-config.json")).unwrap();
     let cfg = illmrec::heads::HeadsConfig::parse(&cfg).unwrap();

@@ -157,26 +157,40 @@ pub fn build_bundle(dir: &Path, n: usize) -> Vec<u64> {
             &p(&format!("{m}-src.bank")),
         ]);
     }
-    let model = model_path();
-    illmrec_ok(&[
-        "bundle",
-        "create",
-        "--out",
-        &p("bundle"),
-        "--heads",
-        &p("heads-src.safetensors"),
-        "--heads-config",
-        &p("heads-config.json"),
-        "--items",
-        &p("items.jsonl"),
-        "--bank",
-        &format!("img={}", p("img-src.bank")),
-        "--bank",
-        &format!("text={}", p("text-src.bank")),
-        "--model",
-        &model.to_string_lossy(),
-    ]);
+    let args = bundle_create_args(
+        dir,
+        &dir.join("bundle"),
+        &dir.join("heads-src.safetensors"),
+        true,
+    );
+    illmrec_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     ids
+}
+
+/// `bundle create` arguments for a bundle at `out` from the files `build_bundle` left in `dir`
+/// (heads config, items, and with `banks` the img and text banks), with `heads` and the default model.
+pub fn bundle_create_args(dir: &Path, out: &Path, heads: &Path, banks: bool) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "bundle".into(),
+        "create".into(),
+        "--out".into(),
+        s(out),
+        "--heads".into(),
+        s(heads),
+        "--heads-config".into(),
+        s(&dir.join("heads-config.json")),
+        "--items".into(),
+        s(&dir.join("items.jsonl")),
+        "--model".into(),
+        s(&model_path()),
+    ];
+    if banks {
+        for m in ["img", "text"] {
+            a.push("--bank".into());
+            a.push(format!("{m}={}", s(&dir.join(format!("{m}-src.bank")))));
+        }
+    }
+    a
 }
 
 fn write_features(dir: &Path, name: &str, ids: &[i64], dim: usize) {
