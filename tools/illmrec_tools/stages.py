@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from .atomic import write_json, write_jsonl
-from .train import MODALITIES, Data, RecModule, export, mlp, read_jsonl
+from .train import MODALITIES, Data, RecModule, export, heads_config, mlp, read_jsonl
 
 MAX_HISTORY = 10
+LLM_DIM = 640  # n_embd of the default model (Gemma 3 270M); `init` makes [REC] and the adaptor this wide
 
 
 # ---------------------------------------------------------------- windows
@@ -270,31 +271,19 @@ def cmd_windows(a):
           f"windows ({users} users) to {a.out}")
 
 
-def heads_config(item_dims, prompt, image_dim, trained, provenance, train_seconds=None):
-    cfg = {"format": "illmrec-heads", "version": 1, "llm_dim": 640, "proj_dim": 512, "hidden_dim": 1024,
-           "prompt": prompt}
-    if image_dim:
-        cfg["image_dim"] = image_dim
-    cfg.update({"adaptor_dim": 512, "item_dims": item_dims, "adaptor_ln_eps": 1e-8, "head_ln_eps": 1e-5,
-                "trained": trained, "provenance": provenance})
-    if train_seconds is not None:
-        cfg["train_seconds"] = round(train_seconds)
-    return cfg
-
-
 def cmd_init(a):
     from .export import build_bundle
     torch.manual_seed(a.seed)
     data = Data(a.dataset)
     item_dims = {m: data.feats[m].shape[1] for m in MODALITIES}
     image_dim = item_dims["img"] if a.prompt_style == "image" else None
-    rec = RecModule(640, item_dims, image_dim)
+    rec = RecModule(LLM_DIM, item_dims, image_dim)
     # Reference init (xavier-uniform [REC]) carried into Gemma's input space, where every token row
     # is multiplied by sqrt(n_embd) before the first layer: the same relative size as in the reference.
     with torch.no_grad():
-        rec.rec_token.mul_(math.sqrt(640))
+        rec.rec_token.mul_(math.sqrt(LLM_DIM))
     a.out.mkdir(parents=True, exist_ok=True)
-    cfg = heads_config(item_dims, a.prompt_style, image_dim, False,
+    cfg = heads_config(LLM_DIM, item_dims, a.prompt_style, image_dim, False,
                        f"initial adaptor and [REC] for state extraction (seed {a.seed}); heads untrained")
     export(rec, cfg, a.out, "f32")
     print(build_bundle(a.out, a.dataset, a.out / "bundle"))
@@ -312,7 +301,7 @@ def cmd_heads(a):
     for wpath, spath in state_pairs(a.states, a.windows):
         w = [dict(history=h, target=t) for h, t in expand(read_jsonl(wpath))]
         if a.user_input == "states":
-            rows = load_partial_npy(spath) if spath else np.zeros((0, 640), np.float32)
+            rows = load_partial_npy(spath) if spath else np.zeros((0, LLM_DIM), np.float32)
             w = w[:len(rows)]
             x.append(torch.from_numpy(rows).float())
         windows += w
@@ -355,13 +344,13 @@ def cmd_heads(a):
     elif a.user_input == "states":
         init_cfg = json.loads((a.init / "heads.json").read_text())
         item_dims = {m: feats.x[m].shape[1] for m in MODALITIES}
-        rec = RecModule(640, item_dims, init_cfg.get("image_dim"))
+        rec = RecModule(init_cfg["llm_dim"], item_dims, init_cfg.get("image_dim"))
         from safetensors.torch import load_file
         init = load_file(a.init / "heads.safetensors")
         state = {k: v for k, v in init.items() if k.startswith(("adaptor.", "rec_token"))}
         state.update(heads.state_dict())
         rec.load_state_dict(state)
-        cfg = heads_config(item_dims, init_cfg["prompt"], init_cfg.get("image_dim"), True,
+        cfg = heads_config(init_cfg["llm_dim"], item_dims, init_cfg["prompt"], init_cfg.get("image_dim"), True,
                            f"dataset {a.dataset.name}: heads trained on {len(x)} runtime-extracted [REC] states "
                            f"({len(history)} epochs, best {summary['best_epoch']}, selected on valid NDCG@10), "
                            f"adaptor and [REC] from {a.init}, seed {a.seed}, "

@@ -251,6 +251,20 @@ class Trainer:
         return nn.functional.cross_entropy(logits, labels)
 
 
+def heads_config(llm_dim, item_dims, prompt, image_dim, trained, provenance, train_seconds=None):
+    """The runtime's heads.json (src/heads.rs HeadsConfig) for heads of these dimensions."""
+    cfg = {"format": "illmrec-heads", "version": 1, "llm_dim": llm_dim, "proj_dim": 512, "hidden_dim": 1024,
+           "prompt": prompt}
+    if image_dim:
+        cfg["image_dim"] = image_dim
+    cfg.update({"adaptor_dim": 512, "item_dims": item_dims, "adaptor_ln_eps": 1e-8, "head_ln_eps": 1e-5,
+                "trained": trained})
+    if train_seconds is not None:
+        cfg["train_seconds"] = round(train_seconds)
+    cfg["provenance"] = provenance
+    return cfg
+
+
 def export(rec, cfg_extra, out, dtype):
     """heads.safetensors (runtime key names, [out, in] weights) + heads.json."""
     dt = torch.float16 if dtype == "f16" else torch.float32
@@ -366,18 +380,14 @@ def main(argv=None):
             print(f"time budget reached at step {step}/{total}", flush=True)
             break
     save()
-    cfg = {"format": "illmrec-heads", "version": 1, "llm_dim": llm_dim, "proj_dim": 512, "hidden_dim": 1024,
-           "prompt": a.prompt_style}
-    if image_dim:
-        cfg["image_dim"] = image_dim
-    cfg.update({"adaptor_dim": 512, "item_dims": item_dims, "adaptor_ln_eps": 1e-8, "head_ln_eps": 1e-5,
-                "trained": True, "train_seconds": round(train_seconds()),
-                "provenance": f"dataset {a.dataset.name}, {step}/{total} steps of batch {a.batch_size} "
-                              f"({min(step * a.batch_size, total * a.batch_size)} samples, "
-                              f"{step / per_epoch:.2f} epochs of {len(data.train)} users), seed {a.seed}, "
-                              f"lr {a.lr}, token embeddings {'trained' if table is not None else 'frozen'}, "
-                              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, "
-                              f"command: illmrec_tools.train {shlex.join(sys.argv[1:] if argv is None else argv)}"})
+    cfg = heads_config(llm_dim, item_dims, a.prompt_style, image_dim, True,
+                       f"dataset {a.dataset.name}, {step}/{total} steps of batch {a.batch_size} "
+                       f"({min(step * a.batch_size, total * a.batch_size)} samples, "
+                       f"{step / per_epoch:.2f} epochs of {len(data.train)} users), seed {a.seed}, "
+                       f"lr {a.lr}, token embeddings {'trained' if table is not None else 'frozen'}, "
+                       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, "
+                       f"command: illmrec_tools.train {shlex.join(sys.argv[1:] if argv is None else argv)}",
+                       train_seconds())
     if table is not None:  # before the heads, whose heads.json marks a finished export
         write_gguf(a.model, a.out / "model.gguf", table.detach().numpy(), a.dtype, what="the trained table")
         print(f"exported {a.out}/model.gguf (trained token table as {a.dtype})", flush=True)
