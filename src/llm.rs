@@ -9,6 +9,8 @@
 //! - [`Context::last_hidden`]: run a sequence of token and embedding inputs and return the final
 //!   hidden state (after the final norm) at the last position only, reusing a cached prefix from
 //!   the KV cache when the sequence starts with it;
+//! - [`Context::session_hidden`]: the same, continuing from a saved KV state of an earlier
+//!   prompt that shares its start (kiosk sessions), and saving the state for the next one;
 //! - [`quantize`]: llama.cpp's model quantizer.
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -322,6 +324,11 @@ pub struct Model {
     n_vocab: i32,
 }
 
+// SAFETY: a loaded llama_model is read-only: llama.cpp allows any number of contexts on one model,
+// used from different threads, and tokenization only reads the vocabulary.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
 impl Model {
     pub fn load(path: &Path, opts: &ModelOptions) -> Result<Self> {
         set_verbose(opts.verbose);
@@ -543,6 +550,67 @@ pub struct Context {
     n_ctx: usize,
     n_batch: usize,
     prefix: Vec<Token>,
+}
+
+// SAFETY: a llama_context may move between threads; `&mut self` on every call that uses it keeps
+// it to one thread at a time (it is not Sync).
+unsafe impl Send for Context {}
+
+/// A position of a saved prompt, owned (see [`SavedState`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum OwnedInput {
+    Token(Token),
+    Embedding(Vec<f32>),
+}
+
+impl OwnedInput {
+    pub fn of(input: &Input) -> Self {
+        match input {
+            Input::Token(t) => OwnedInput::Token(*t),
+            Input::Embedding(v) => OwnedInput::Embedding(v.to_vec()),
+        }
+    }
+
+    fn same(&self, input: &Input) -> bool {
+        match (self, input) {
+            (OwnedInput::Token(a), Input::Token(b)) => a == b,
+            (OwnedInput::Embedding(a), Input::Embedding(b)) => a.as_slice() == *b,
+            _ => false,
+        }
+    }
+}
+
+/// The KV cache of the start of a prompt (positions `0..inputs.len()`), as llama.cpp's sequence
+/// state bytes, with the inputs it holds. Any context on the same model and options can continue
+/// from it ([`Context::session_hidden`]).
+#[derive(Clone, Debug, Default)]
+pub struct SavedState {
+    pub inputs: Vec<OwnedInput>,
+    pub kv: Vec<u8>,
+}
+
+impl SavedState {
+    /// Bytes held (KV state and inputs).
+    pub fn size(&self) -> usize {
+        self.kv.len()
+            + self
+                .inputs
+                .iter()
+                .map(|i| match i {
+                    OwnedInput::Token(_) => 4,
+                    OwnedInput::Embedding(v) => 4 * v.len(),
+                })
+                .sum::<usize>()
+    }
+
+    /// How many leading positions of `inputs` this state holds (its common start with them).
+    pub fn common_len(&self, inputs: &[Input]) -> usize {
+        self.inputs
+            .iter()
+            .zip(inputs)
+            .take_while(|(a, b)| a.same(b))
+            .count()
+    }
 }
 
 impl Context {
@@ -791,6 +859,113 @@ impl Context {
             "the model produced a non-finite hidden state"
         );
         Ok(hidden)
+    }
+
+    /// Like [`Context::last_hidden`], but continues from `saved` when it shares a start with
+    /// `inputs` longer than the cached task prefix (only the positions after the common start
+    /// are decoded), and saves the KV state of `inputs[..save_at]` for the next call. Returns the
+    /// hidden state, the new saved state and how many positions were decoded.
+    ///
+    /// The positions are decoded in other batch shapes than a cold [`Context::last_hidden`], so
+    /// the state agrees with it within llama.cpp's batch-shape noise, not bit for bit.
+    pub fn session_hidden(
+        &mut self,
+        saved: Option<&SavedState>,
+        inputs: &[Input],
+        save_at: usize,
+        reuse_prefix: bool,
+    ) -> Result<(Vec<f32>, SavedState, usize)> {
+        ensure!(!inputs.is_empty(), "empty input");
+        ensure!(
+            save_at < inputs.len(),
+            "save point {save_at} is not before the last of {} inputs",
+            inputs.len()
+        );
+        for input in inputs {
+            self.check_input(input)?;
+        }
+        let prefix = if reuse_prefix {
+            self.shared_prefix_len(inputs)
+        } else {
+            0
+        };
+        let common = saved.map_or(0, |s| s.common_len(inputs).min(inputs.len() - 1));
+        let restore = saved.filter(|_| common > prefix);
+        let needed = self.prefix.len() + inputs.len();
+        ensure!(
+            needed <= self.n_ctx,
+            "prompt of {} positions does not fit the context ({} positions, {} held by the cached prefix); raise --ctx",
+            inputs.len(),
+            self.n_ctx,
+            self.prefix.len()
+        );
+        let mem = self.memory();
+        let ctx = self.raw.as_ptr();
+        // SAFETY: valid memory handle and sequence ids below n_seq_max.
+        unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, -1, -1) };
+        let result = (|| {
+            let start = match restore {
+                Some(state) => {
+                    // SAFETY: the bytes came from llama_state_seq_get_data on a context of the
+                    // same model and options; llama.cpp checks them and returns 0 when they do
+                    // not fit.
+                    let n = unsafe {
+                        sys::llama_state_seq_set_data(
+                            ctx,
+                            state.kv.as_ptr(),
+                            state.kv.len(),
+                            WORK_SEQ,
+                        )
+                    };
+                    ensure!(n > 0, "llama.cpp could not restore a saved session state");
+                    // SAFETY: as above; drops what the state holds past the common start.
+                    unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, common as i32, -1) };
+                    common
+                }
+                None => {
+                    if prefix > 0 {
+                        // SAFETY: as above.
+                        unsafe {
+                            sys::llama_memory_seq_cp(mem, PREFIX_SEQ, WORK_SEQ, 0, prefix as i32)
+                        };
+                    }
+                    prefix
+                }
+            };
+            let last = inputs.len() - 1;
+            let start = if start > save_at {
+                // SAFETY: as above.
+                unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, save_at as i32, -1) };
+                save_at
+            } else {
+                start
+            };
+            self.decode(&inputs[start..save_at], WORK_SEQ, start, false)?;
+            // SAFETY: the buffer has the size llama.cpp asked for.
+            let kv = unsafe {
+                let size = sys::llama_state_seq_get_size(ctx, WORK_SEQ);
+                let mut kv = vec![0u8; size];
+                let n = sys::llama_state_seq_get_data(ctx, kv.as_mut_ptr(), size, WORK_SEQ);
+                ensure!(n == size, "llama.cpp could not save the session state");
+                kv
+            };
+            self.decode(&inputs[save_at..last], WORK_SEQ, save_at, false)?;
+            let hidden = self.decode(&inputs[last..], WORK_SEQ, last, true)?;
+            Ok((hidden, kv, inputs.len() - start))
+        })();
+        // SAFETY: as above; frees the request's cells whatever happened.
+        unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, -1, -1) };
+        let (hidden, kv, decoded) = result?;
+        let hidden = hidden.context("no hidden state was produced")?;
+        ensure!(
+            hidden.iter().all(|x| x.is_finite()),
+            "the model produced a non-finite hidden state"
+        );
+        let state = SavedState {
+            inputs: inputs[..save_at].iter().map(OwnedInput::of).collect(),
+            kv,
+        };
+        Ok((hidden, state, decoded))
     }
 
     fn check_input(&self, input: &Input) -> Result<()> {

@@ -3,20 +3,144 @@
 //! A request goes: history ids → prompt segments (titles, adaptor-projected image features, the
 //! `[REC]` vector) → tokens and injected vectors → the LLM's final hidden state at `[REC]` →
 //! one user vector per modality (`f_u_m`) → dot products with the cached item vectors.
+//!
+//! The read-only part (model, heads, banks, catalog, item vectors: [`Shared`]) is opened once
+//! and shared by any number of [`Recommender`]s, each with its own llama.cpp context
+//! ([`Recommender::worker`]), one per thread. Request methods return a typed [`RequestError`].
 
 use crate::bank::{Bank, Modality};
 use crate::bundle::Bundle;
 use crate::catalog::{Catalog, Item};
 use crate::heads::Heads;
 use crate::item_vectors::ItemVectors;
-use crate::llm::{Context, ContextOptions, GgufInfo, Input, Model, ModelOptions, Token};
+use crate::llm::{
+    Context, ContextOptions, GgufInfo, Input, Model, ModelOptions, SavedState, Token,
+};
 use crate::prompt::{self, ItemBody, PromptItem, PromptStyle, Segment};
 use crate::rank;
 pub use crate::rank::Scored;
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Most history ids one request may carry (only the newest `--max-history` reach the prompt).
+pub const MAX_HISTORY_IDS: usize = 10_000;
+/// Most candidate ids one request may carry.
+pub const MAX_CANDIDATES: usize = 1_000_000;
+/// Largest `top_k` one request may ask for.
+pub const MAX_TOP_K: usize = 10_000;
+
+/// Why a request could not be answered. Every variant but [`RequestError::NonFinite`] and
+/// [`RequestError::Engine`] is the request's fault ([`RequestError::is_client_error`]).
+#[derive(Debug)]
+pub enum RequestError {
+    /// Ids that are not in the catalog, each once, in the order given.
+    UnknownItems(Vec<u64>),
+    EmptyHistory,
+    EmptyCandidates,
+    /// A list longer than the request limits.
+    TooManyItems {
+        what: &'static str,
+        given: usize,
+        max: usize,
+    },
+    /// `top_k` outside 1..=[`MAX_TOP_K`].
+    BadTopK(usize),
+    /// The prompt for even the newest history item does not fit the context.
+    DoesNotFit {
+        n_ctx: usize,
+    },
+    /// A NaN or infinite vector or score: the heads or features are damaged.
+    NonFinite(String),
+    /// The LLM or another part of the engine failed.
+    Engine(anyhow::Error),
+}
+
+impl RequestError {
+    /// Whether the request itself is at fault (an HTTP 400), rather than the engine.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, RequestError::NonFinite(_) | RequestError::Engine(_))
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::UnknownItems(ids) if ids.len() == 1 => {
+                write!(f, "item {} is not in the catalog", ids[0])
+            }
+            RequestError::UnknownItems(ids) => {
+                const SHOWN: usize = 20;
+                let list: Vec<String> = ids.iter().take(SHOWN).map(u64::to_string).collect();
+                write!(f, "items {} are not in the catalog", list.join(", "))?;
+                if ids.len() > SHOWN {
+                    write!(f, " (and {} more)", ids.len() - SHOWN)?;
+                }
+                Ok(())
+            }
+            RequestError::EmptyHistory => {
+                write!(f, "the history is empty: give at least one item id")
+            }
+            RequestError::EmptyCandidates => {
+                write!(f, "the candidate list is empty: give at least one item id")
+            }
+            RequestError::TooManyItems { what, given, max } => {
+                write!(f, "too many items: the {what} has {given} ids, at most {max} are accepted")
+            }
+            RequestError::BadTopK(k) => {
+                write!(f, "top_k {k} is out of range: expected 1 to {MAX_TOP_K}")
+            }
+            RequestError::DoesNotFit { n_ctx } => write!(
+                f,
+                "the prompt for even one history item does not fit a context of {n_ctx} positions; raise --ctx"
+            ),
+            RequestError::NonFinite(what) => write!(f, "{what}"),
+            RequestError::Engine(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RequestError::Engine(e) => Some(e.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl From<anyhow::Error> for RequestError {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<rank::NonFiniteScore>() {
+            Ok(n) => RequestError::NonFinite(n.to_string()),
+            Err(e) => RequestError::Engine(e),
+        }
+    }
+}
+
+impl From<rank::NonFiniteScore> for RequestError {
+    fn from(e: rank::NonFiniteScore) -> Self {
+        RequestError::NonFinite(e.to_string())
+    }
+}
+
+type RequestResult<T> = std::result::Result<T, RequestError>;
+
+/// What a kiosk session keeps between taps: the KV state of its last prompt up to its last item.
+#[derive(Clone, Debug, Default)]
+pub struct SessionState {
+    saved: Option<SavedState>,
+}
+
+impl SessionState {
+    /// Bytes held (the KV state dominates: about 18 KiB per position for Gemma 3 270M, f16 KV).
+    pub fn size(&self) -> usize {
+        self.saved.as_ref().map_or(0, SavedState::size)
+    }
+}
 
 /// What to write for a history item that has no image feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -78,15 +202,160 @@ pub struct UserVector {
     pub prompt_positions: usize,
 }
 
-pub struct Recommender {
+/// The read-only part of a recommender, shared by its workers.
+pub struct Shared {
     pub bundle: Bundle,
     pub catalog: Catalog,
     pub heads: Heads,
     pub banks: BTreeMap<Modality, Bank>,
     pub items: ItemVectors,
-    ctx: Context,
+    model: Arc<Model>,
     opts: Options,
 }
+
+impl Shared {
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    pub fn modalities(&self) -> &[Modality] {
+        self.items.modalities()
+    }
+
+    /// Checks a request before any work: a non-empty history and candidate list within the
+    /// limits, a `top_k` in range, and every id in the catalog (all unknown ids are listed).
+    pub fn check_request(
+        &self,
+        history: &[u64],
+        candidates: Option<&[u64]>,
+        top_k: usize,
+    ) -> RequestResult<()> {
+        if history.is_empty() {
+            return Err(RequestError::EmptyHistory);
+        }
+        if history.len() > MAX_HISTORY_IDS {
+            return Err(RequestError::TooManyItems {
+                what: "history",
+                given: history.len(),
+                max: MAX_HISTORY_IDS,
+            });
+        }
+        match candidates {
+            Some([]) => return Err(RequestError::EmptyCandidates),
+            Some(c) if c.len() > MAX_CANDIDATES => {
+                return Err(RequestError::TooManyItems {
+                    what: "candidate list",
+                    given: c.len(),
+                    max: MAX_CANDIDATES,
+                })
+            }
+            _ => {}
+        }
+        if !(1..=MAX_TOP_K).contains(&top_k) {
+            return Err(RequestError::BadTopK(top_k));
+        }
+        self.check_ids(history.iter().chain(candidates.into_iter().flatten()))
+    }
+
+    /// Every id in the catalog, or all those that are not (each once, in order).
+    pub fn check_ids<'a>(&self, ids: impl IntoIterator<Item = &'a u64>) -> RequestResult<()> {
+        let mut unknown = Vec::new();
+        let mut seen = HashSet::new();
+        for &id in ids {
+            if self.catalog.get(id).is_none() && seen.insert(id) {
+                unknown.push(id);
+            }
+        }
+        match unknown.is_empty() {
+            true => Ok(()),
+            false => Err(RequestError::UnknownItems(unknown)),
+        }
+    }
+
+    /// The user vectors `f_u_m(hidden)`, in [`Shared::modalities`] order.
+    pub fn user_vectors(&self, hidden: &[f32]) -> RequestResult<Vec<Vec<f32>>> {
+        let vectors: Vec<Vec<f32>> = self
+            .modalities()
+            .iter()
+            .map(|m| self.heads.user[m].forward(hidden))
+            .collect();
+        for (m, v) in self.modalities().iter().zip(&vectors) {
+            if !v.iter().all(|x| x.is_finite()) {
+                return Err(RequestError::NonFinite(format!(
+                    "the {m} user head produced a non-finite vector: the heads are corrupt"
+                )));
+            }
+        }
+        Ok(vectors)
+    }
+
+    /// Scores of the given items (`None` for an item with no feature in any scored modality).
+    /// A NaN or infinite score is an error ([`rank::NonFiniteScore`]), never a number to rank.
+    pub fn score_items(&self, user: &UserVector, ids: &[u64]) -> RequestResult<Vec<Option<f32>>> {
+        self.check_ids(ids)?;
+        ids.iter()
+            .map(|&id| {
+                let i = self.catalog.position(id).expect("checked above");
+                match self.items.score(&user.vectors, i) {
+                    Some(s) if !s.is_finite() => Err(rank::NonFiniteScore { id, score: s }.into()),
+                    score => Ok(score),
+                }
+            })
+            .collect()
+    }
+
+    /// The `k` best items, from `candidates` or the whole catalog, skipping `exclude` (see
+    /// [`rank::top_k`] for the order and the handling of duplicates and non-finite scores).
+    pub fn top_k(
+        &self,
+        user: &UserVector,
+        k: usize,
+        candidates: Option<&[u64]>,
+        exclude: &HashSet<u64>,
+    ) -> RequestResult<Vec<Scored>> {
+        Ok(match candidates {
+            Some([]) => return Err(RequestError::EmptyCandidates),
+            Some(ids) => {
+                let scores = self.score_items(user, ids)?;
+                rank::top_k(ids.iter().copied().zip(scores), exclude, k)?
+            }
+            None => rank::top_k(
+                (0..self.items.len())
+                    .map(|i| (self.items.ids()[i], self.items.score(&user.vectors, i))),
+                exclude,
+                k,
+            )?,
+        })
+    }
+}
+
+/// A recommender: the shared read-only part and one llama.cpp context of its own. Dereferences
+/// to [`Shared`] (catalog, heads, banks, item vectors, scoring).
+pub struct Recommender {
+    shared: Arc<Shared>,
+    ctx: Context,
+    reuse_prefix: bool,
+    prompt_style: Option<PromptStyle>,
+}
+
+impl Deref for Recommender {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// Compile-time check: the shared part may be used from any thread, a worker moved to one.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    const fn movable<T: Send>() {}
+    shareable::<Shared>();
+    movable::<Recommender>();
+};
 
 impl Recommender {
     /// Opens a bundle: loads the model (memory-mapped), heads, banks and catalog, checks that
@@ -138,8 +407,21 @@ impl Recommender {
             .unwrap_or_else(|| bundle.dir.join("cache"));
         let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
         let model = Arc::new(Model::load(&model_path, &opts.model_options)?);
-        let mut ctx = Context::new(model, &opts.context)?;
-        if opts.reuse_prefix {
+        Self::on(Arc::new(Shared {
+            bundle,
+            catalog,
+            heads,
+            banks,
+            items,
+            model,
+            opts,
+        }))
+    }
+
+    /// A recommender with a context of its own on an opened shared part (one per worker thread).
+    pub fn on(shared: Arc<Shared>) -> Result<Self> {
+        let mut ctx = Context::new(shared.model.clone(), &shared.opts.context)?;
+        if shared.opts.reuse_prefix {
             // The task text starts every prompt. Its last token may merge with the first item's
             // text ("[" + "{"), so the cached prefix stops one token short.
             let mut prefix = ctx.model().tokenize(&prompt::template().task, true)?;
@@ -147,14 +429,21 @@ impl Recommender {
             ctx.set_prefix(&prefix)?;
         }
         Ok(Self {
-            bundle,
-            catalog,
-            heads,
-            banks,
-            items,
+            reuse_prefix: shared.opts.reuse_prefix,
+            prompt_style: shared.opts.prompt_style,
+            shared,
             ctx,
-            opts,
         })
+    }
+
+    /// Another recommender on the same shared part, with a new context (for another thread).
+    pub fn worker(&self) -> Result<Self> {
+        Self::on(self.shared.clone())
+    }
+
+    /// The shared, read-only part.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Problems met while opening that did not stop it (a damaged item-vector cache that was
@@ -172,10 +461,6 @@ impl Recommender {
         &mut self.ctx
     }
 
-    pub fn modalities(&self) -> &[Modality] {
-        self.items.modalities()
-    }
-
     /// Changes the options that act per request (benchmarks compare them on one loaded model).
     pub fn set_request_options(
         &mut self,
@@ -190,8 +475,8 @@ impl Recommender {
             prompt_style != Some(PromptStyle::Image) || self.heads.adaptor.is_some(),
             "these heads have no adaptor, so items cannot be written as images"
         );
-        self.opts.reuse_prefix = reuse_prefix;
-        self.opts.prompt_style = prompt_style;
+        self.reuse_prefix = reuse_prefix;
+        self.prompt_style = prompt_style;
         Ok(())
     }
 
@@ -205,7 +490,7 @@ impl Recommender {
     }
 
     fn prompt_item(&self, item: &Item, vectors: bool) -> Result<PromptItem> {
-        let body = match self.opts.prompt_style.unwrap_or(self.heads.config.prompt) {
+        let body = match self.prompt_style.unwrap_or(self.heads.config.prompt) {
             PromptStyle::Title => ItemBody::TitleOnly,
             PromptStyle::Description => {
                 ItemBody::Description(self.description(item)?.unwrap_or_default())
@@ -251,18 +536,20 @@ impl Recommender {
 
     /// The prompt for a history, as segments, after `--max-history` and context truncation;
     /// also returns how many items the context forced out.
-    pub fn prompt(&self, history: &[u64]) -> Result<(Vec<Segment>, Vec<u64>, usize)> {
-        ensure!(
-            !history.is_empty(),
-            "the history is empty: give at least one item id"
-        );
+    pub fn prompt(&self, history: &[u64]) -> RequestResult<(Vec<Segment>, Vec<u64>, usize)> {
+        if history.is_empty() {
+            return Err(RequestError::EmptyHistory);
+        }
+        self.check_ids(history)?;
         let recent = &history[history.len().saturating_sub(self.opts.max_history)..];
         let items = self.prompt_items(recent, false)?;
         let budget = self.ctx.n_ctx() - self.ctx.prefix().len();
         let model = self.model();
         let mut count = |text: &str, bos: bool| Ok(model.tokenize(text, bos)?.len());
         let Some(start) = prompt::fit(&items, &self.heads.rec_token, budget, &mut count)? else {
-            bail!("the prompt for even one history item does not fit a context of {} positions; raise --ctx", self.ctx.n_ctx())
+            return Err(RequestError::DoesNotFit {
+                n_ctx: self.ctx.n_ctx(),
+            });
         };
         let kept = self.prompt_items(&recent[start..], true)?;
         let segments = prompt::build(&kept, &self.heads.rec_token);
@@ -270,11 +557,11 @@ impl Recommender {
     }
 
     /// Runs the LLM on a history and projects the `[REC]` hidden state through the user heads.
-    pub fn encode_user(&mut self, history: &[u64]) -> Result<UserVector> {
+    pub fn encode_user(&mut self, history: &[u64]) -> RequestResult<UserVector> {
         let (segments, used, dropped) = self.prompt(history)?;
         let pieces = tokenize(self.model(), &segments)?;
         let inputs: Vec<Input> = pieces.iter().flat_map(|p| p.inputs()).collect();
-        let hidden = self.ctx.last_hidden(&inputs, self.opts.reuse_prefix)?;
+        let hidden = self.ctx.last_hidden(&inputs, self.reuse_prefix)?;
         let vectors = self.user_vectors(&hidden)?;
         Ok(UserVector {
             vectors,
@@ -285,20 +572,46 @@ impl Recommender {
         })
     }
 
-    /// The user vectors `f_u_m(hidden)`, in [`Recommender::modalities`] order.
-    pub fn user_vectors(&self, hidden: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let vectors: Vec<Vec<f32>> = self
-            .modalities()
-            .iter()
-            .map(|m| self.heads.user[m].forward(hidden))
-            .collect();
-        for (m, v) in self.modalities().iter().zip(&vectors) {
-            ensure!(
-                v.iter().all(|x| x.is_finite()),
-                "the {m} user head produced a non-finite vector: the heads are corrupt"
-            );
-        }
-        Ok(vectors)
+    /// Like [`Recommender::encode_user`] for a kiosk session's history, continuing from the
+    /// session's saved KV state where the new prompt shares its start with the last one (a tap
+    /// that adds an item decodes that item, the closing text and `[REC]`), and saving the state
+    /// up to the history's last visual token for the next call. Also returns how many positions
+    /// were decoded. The state agrees with `encode_user` within llama.cpp's batch-shape noise.
+    pub fn encode_session(
+        &mut self,
+        session: &mut SessionState,
+        history: &[u64],
+    ) -> RequestResult<(UserVector, usize)> {
+        let (segments, used, dropped) = self.prompt(history)?;
+        let pieces = tokenize(self.model(), &segments)?;
+        let inputs: Vec<Input> = pieces.iter().flat_map(|p| p.inputs()).collect();
+        let t = prompt::template();
+        let tail = format!("{}{}{}", t.list_close, t.closing, t.instruction);
+        let save_at = session_cut(&inputs, self.model().tokenize(&tail, false)?.len());
+        let (hidden, saved, decoded) = match self.ctx.session_hidden(
+            session.saved.as_ref(),
+            &inputs,
+            save_at,
+            self.reuse_prefix,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                session.saved = None;
+                return Err(e.into());
+            }
+        };
+        session.saved = Some(saved);
+        let vectors = self.user_vectors(&hidden)?;
+        Ok((
+            UserVector {
+                vectors,
+                hidden,
+                used,
+                dropped_for_context: dropped,
+                prompt_positions: inputs.len(),
+            },
+            decoded,
+        ))
     }
 
     /// The `[REC]` hidden states of every prefix of `history` (`history[..1]`, …, `history[..n]`),
@@ -350,52 +663,10 @@ impl Recommender {
                 .collect();
             out.extend(
                 self.ctx
-                    .branch_hidden(shared, &branches, self.opts.reuse_prefix)?,
+                    .branch_hidden(shared, &branches, self.reuse_prefix)?,
             );
         }
         Ok(out)
-    }
-
-    /// Scores of the given items (`None` for an item with no feature in any scored modality).
-    /// A NaN or infinite score is an error ([`rank::NonFiniteScore`]), never a number to rank.
-    pub fn score_items(&self, user: &UserVector, ids: &[u64]) -> Result<Vec<Option<f32>>> {
-        ids.iter()
-            .map(|&id| {
-                let i = self
-                    .catalog
-                    .position(id)
-                    .with_context(|| format!("item {id} is not in the catalog"))?;
-                let score = self.items.score(&user.vectors, i);
-                match score {
-                    Some(s) if !s.is_finite() => Err(rank::NonFiniteScore { id, score: s }.into()),
-                    _ => Ok(score),
-                }
-            })
-            .collect()
-    }
-
-    /// The `k` best items, from `candidates` or the whole catalog, skipping `exclude` (see
-    /// [`rank::top_k`] for the order and the handling of duplicates and non-finite scores).
-    pub fn top_k(
-        &self,
-        user: &UserVector,
-        k: usize,
-        candidates: Option<&[u64]>,
-        exclude: &HashSet<u64>,
-    ) -> Result<Vec<Scored>> {
-        Ok(match candidates {
-            Some([]) => bail!("the candidate list is empty: give at least one item id"),
-            Some(ids) => {
-                let scores = self.score_items(user, ids)?;
-                rank::top_k(ids.iter().copied().zip(scores), exclude, k)?
-            }
-            None => rank::top_k(
-                (0..self.items.len())
-                    .map(|i| (self.items.ids()[i], self.items.score(&user.vectors, i))),
-                exclude,
-                k,
-            )?,
-        })
     }
 }
 
@@ -451,6 +722,22 @@ impl Piece<'_> {
             Piece::Vector(v) => vec![Input::Embedding(v)],
         }
     }
+}
+
+/// Where a session saves its prompt's KV state: at the end of the newest item, where the next
+/// prompt (whose closing text becomes another item) starts to differ. That is after the last
+/// injected vector before `[REC]` when the newest item is written with its visual token, else
+/// `tail` positions (the closing text's tokens) plus a margin of two before `[REC]` (tokens may
+/// merge across the join; the next call compares positions and rolls back to the common start).
+fn session_cut(inputs: &[Input], tail: usize) -> usize {
+    let last = inputs.len() - 1;
+    let after_vector = inputs[..last]
+        .iter()
+        .rposition(|i| matches!(i, Input::Embedding(_)))
+        .map_or(0, |i| i + 1);
+    after_vector
+        .max(last.saturating_sub(tail + 2))
+        .clamp(1.min(last), last)
 }
 
 /// Whether two inputs are the same position (token id, or vector by value).
