@@ -1,6 +1,7 @@
 //! The `illmrec` command line.
 
 mod cli;
+mod server;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -8,6 +8,7 @@ mod eval_cmd;
 mod prompt_cmd;
 mod recommend;
 mod score;
+mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -53,6 +54,8 @@ enum Command {
     Quantize(QuantizeArgs),
     /// Show the build's compute backends and a model's metadata.
     Info(InfoArgs),
+    /// Run the kiosk: an HTTP API and a touch page over one loaded bundle.
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Quantize(a) => quantize(a),
         Command::Info(a) => info(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
