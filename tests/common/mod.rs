@@ -2,6 +2,9 @@
 //! bundle built through the CLI itself from real MovieLens titles with seeded features.
 #![allow(dead_code)]
 
+pub mod load;
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
