@@ -16,8 +16,9 @@ pub struct Item {
     pub description: Option<String>,
     #[serde(default)]
     pub genres: Vec<String>,
-    /// The item's picture: a path relative to the bundle folder (or to `--images`), checked by
-    /// [`check_image_path`] to stay inside it.
+    /// The item's picture: a path relative to the bundle folder (or to `--images`). One that
+    /// [`check_image_path`] refuses (absolute, `..`) is ignored by [`image_file`] rather than an
+    /// error, because datasets made by the tools record posters relative to the repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }
@@ -74,7 +75,11 @@ pub fn check_image_path(path: &str) -> Result<()> {
 /// its base folder counts.
 pub fn image_file(item: &Item, bundle_dir: &Path, images_dir: Option<&Path>) -> Option<PathBuf> {
     let base = images_dir.unwrap_or(bundle_dir);
-    let candidates: Vec<PathBuf> = match (&item.image, images_dir) {
+    let own = item
+        .image
+        .as_deref()
+        .filter(|p| check_image_path(p).is_ok());
+    let candidates: Vec<PathBuf> = match (own, images_dir) {
         (Some(rel), _) => vec![base.join(rel)],
         (None, Some(dir)) => ["jpg", "jpeg", "png", "webp"]
             .iter()
@@ -140,11 +145,6 @@ impl Catalog {
                         n + 1
                     )
                 })?;
-            if let Some(image) = &item.image {
-                check_image_path(image).with_context(|| {
-                    format!("{} line {}: item {}", path.display(), n + 1, item.id)
-                })?;
-            }
             items.push(item);
         }
         Self::new(items).with_context(|| format!("items {}", path.display()))
@@ -257,13 +257,27 @@ mod tests {
         for good in ["a.jpg", "posters/12.png"] {
             check_image_path(good).unwrap();
         }
-        let bad = r#"{"id": 1, "title": "x", "image": "../../etc/passwd"}"#;
-        let e = Catalog::parse(bad.as_bytes(), Path::new("items.jsonl"))
-            .err()
-            .unwrap();
-        assert!(
-            format!("{e:#}").contains("stay inside the bundle folder"),
-            "{e:#}"
-        );
+        // an escaping path is no image (never an error: datasets record repository paths)
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("7.jpg"), b"x").unwrap();
+        std::fs::write(dir.path().join("a.png"), b"x").unwrap();
+        let item = |image: Option<&str>| Item {
+            id: 7,
+            title: None,
+            description: None,
+            genres: vec![],
+            image: image.map(String::from),
+        };
+        let sub = dir.path().join("bundle");
+        std::fs::create_dir(&sub).unwrap();
+        assert_eq!(image_file(&item(Some("../a.png")), &sub, None), None);
+        assert_eq!(image_file(&item(None), &sub, None), None);
+        let found = |i: Item| {
+            image_file(&i, &sub, Some(dir.path())).map(|p| p.file_name().unwrap().to_owned())
+        };
+        assert_eq!(found(item(Some("a.png"))).unwrap(), "a.png");
+        assert_eq!(found(item(Some("../x/a.png"))).unwrap(), "7.jpg");
+        assert_eq!(found(item(None)).unwrap(), "7.jpg");
+        assert_eq!(image_type(Path::new("a.PNG")), "image/png");
     }
 }
