@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building illmrec needs on Debian/Ubuntu beyond Rust and Python 3: cmake (llama.cpp),
 # libclang-dev (bindgen, for llama-cpp-sys-2's bindings: it loads libclang.so and needs clang's
-# builtin headers, which libclang-dev pulls in) and a C/C++ toolchain. Does nothing when all are present.
+# builtin headers, which libclang-dev pulls in) and a C/C++ toolchain; for the kiosk's browser test
+# (tools/tests/test_kiosk_browser.py), Debian's headless-capable chromium and chromium-driver.
+# Does nothing when all are present.
 #
 # Detection asks dpkg which packages are installed, never a file glob: a glob such as libclang*.so*
 # matches libclang-cpp.so.14 (the C++ interface library, preinstalled on some images), which is not
@@ -31,10 +33,14 @@ if has_dpkg; then
   installed cmake || on_path cmake || missing+=(cmake)
   installed libclang-dev || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
   installed build-essential || { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+  installed chromium || on_path chromium || missing+=(chromium)
+  installed chromium-driver || on_path chromedriver || missing+=(chromium-driver)
 else
   on_path cmake || missing+=(cmake)
   libclang_files || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
   { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+  on_path chromium || [ -e "$root/usr/bin/chromium" ] || missing+=(chromium)
+  on_path chromedriver || [ -e "$root/usr/bin/chromedriver" ] || missing+=(chromium-driver)
 fi
 
 if [ "${1:-}" = --check ]; then
@@ -49,4 +55,4 @@ sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 echo "installing ${missing[*]} ..."
 $sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

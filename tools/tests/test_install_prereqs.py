@@ -32,11 +32,15 @@ def fake_root(tmp_path: Path, packages: list[str], files: list[str], dpkg: bool 
     return root
 
 
-def detect(root: Path) -> list[str]:
+BROWSER = ["chromium", "chromium-driver"]
+
+
+def detect(root: Path, browser: bool = False) -> list[str]:
+    """The build packages the script would install (and the browser's too with `browser`)."""
     env = {k: v for k, v in os.environ.items() if k != "LIBCLANG_PATH"}
     env["ILLMREC_PREREQ_ROOT"] = str(root)
     out = subprocess.run(["bash", str(SCRIPT), "--check"], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    return [p for p in out.stdout.split() if browser or p not in BROWSER]
 
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="dpkg-query is not installed")
@@ -69,3 +73,13 @@ def test_without_dpkg_the_exact_library_names_decide(tmp_path):
     assert "libclang-dev" in detect(only_cpp)
     real = fake_root(tmp_path / "b", [], ["/usr/lib/llvm-14/lib/libclang-14.so.1"], dpkg=False)
     assert "libclang-dev" not in detect(real)
+
+
+@needs_dpkg
+def test_the_kiosk_browser_test_gets_chromium_and_its_driver(tmp_path):
+    without = fake_root(tmp_path / "a", ["cmake", "libclang-dev", "build-essential"], [])
+    assert detect(without, browser=True) == BROWSER
+    only_browser = fake_root(tmp_path / "b", ["cmake", "libclang-dev", "build-essential", "chromium"], [])
+    assert detect(only_browser, browser=True) == ["chromium-driver"]
+    both = fake_root(tmp_path / "c", ["cmake", "libclang-dev", "build-essential", *BROWSER], [])
+    assert detect(both, browser=True) == []
