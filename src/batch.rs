@@ -111,7 +111,10 @@ impl std::str::FromStr for Shard {
             })
         };
         let (index, count) = (parse(i, "index")?, parse(n, "count")?);
-        ensure!(count >= 1, "'{text}' is not a shard: the count must be at least 1");
+        ensure!(
+            count >= 1,
+            "'{text}' is not a shard: the count must be at least 1"
+        );
         ensure!(
             index < count,
             "'{text}' is not a shard: the index must be below the count (0 to {})",
@@ -329,10 +332,7 @@ impl ResumableOutput {
             self.written.line
         );
         if let Some(bytes) = record {
-            ensure!(
-                !bytes.contains(&b'\n'),
-                "a record must be a single line"
-            );
+            ensure!(!bytes.contains(&b'\n'), "a record must be a single line");
             let mut buf = Vec::with_capacity(bytes.len() + 1);
             buf.extend_from_slice(bytes);
             buf.push(b'\n');
@@ -444,7 +444,10 @@ mod tests {
         // An entry pointing past the partial file's end (its records never reached the disk).
         assert_eq!(resume_point(&j("3 120\n7 300\n"), &key, 200), Ok(p(3, 120)));
         // Garbage stops the scan; going backwards too.
-        assert_eq!(resume_point(&j("3 120\nxx\n9 400\n"), &key, 900), Ok(p(3, 120)));
+        assert_eq!(
+            resume_point(&j("3 120\nxx\n9 400\n"), &key, 900),
+            Ok(p(3, 120))
+        );
         assert_eq!(resume_point(&j("3 120\n2 130\n"), &key, 900), Ok(p(3, 120)));
         assert!(matches!(
             resume_point(&j("3 120\n"), &json!({"input": "other"}), 900),
@@ -477,7 +480,10 @@ mod tests {
         drop(o); // as if killed
         let (partial, journal) = work_files(&out).unwrap();
         // A torn record after the last commit.
-        let mut f = std::fs::OpenOptions::new().append(true).open(&partial).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&partial)
+            .unwrap();
         f.write_all(b"{\"a\":").unwrap();
         drop(f);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous\n");

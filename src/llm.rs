@@ -322,6 +322,11 @@ pub struct Model {
     n_vocab: i32,
 }
 
+// SAFETY: a llama_model is immutable once loaded; llama.cpp documents sharing one model between
+// contexts on several threads (its server does), and tokenizing through its vocabulary only reads.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
 impl Model {
     pub fn load(path: &Path, opts: &ModelOptions) -> Result<Self> {
         set_verbose(opts.verbose);
@@ -544,6 +549,10 @@ pub struct Context {
     n_batch: usize,
     prefix: Vec<Token>,
 }
+
+// SAFETY: a llama_context is not thread-safe, but it may be moved to another thread: every use
+// goes through `&mut self` (or `&self` methods that only read), so one thread at a time touches it.
+unsafe impl Send for Context {}
 
 impl Context {
     /// Creates a context on a shared model.

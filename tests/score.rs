@@ -22,10 +22,12 @@ fn users(dir: &Path, n: usize) -> PathBuf {
     let lines: String = (0..n)
         .map(|u| match u {
             4 => "{\"user\": \"bad\", \"history\": [999999999]}\n".to_string(),
-            _ => serde_json::json!({"user": format!("u{u}"),
+            _ => {
+                serde_json::json!({"user": format!("u{u}"),
                 "history": [ids[u % 40], ids[(u * 7 + 3) % 40], ids[(u * 13 + 5) % 40]]})
-            .to_string()
-                + "\n",
+                .to_string()
+                    + "\n"
+            }
         })
         .collect();
     let p = dir.join("users.jsonl");
@@ -108,11 +110,18 @@ fn score_killed_then_resumed_equals_the_uninterrupted_run() {
         assert!(now.len() >= before, "kill {k}: a finished user was lost");
         before = now.len();
         if std::fs::read(&output).unwrap() != b"previous results\n" {
-            assert_eq!(std::fs::read(&output).unwrap(), complete, "a partial output");
+            assert_eq!(
+                std::fs::read(&output).unwrap(),
+                complete,
+                "a partial output"
+            );
             break;
         }
     }
-    assert!(before > 0, "no kill came after a commit: the test proves nothing");
+    assert!(
+        before > 0,
+        "no kill came after a commit: the test proves nothing"
+    );
     run_ok(&score_args(&input, &output, &["--resume"]));
     assert_eq!(
         std::fs::read(&output).unwrap(),
@@ -152,10 +161,7 @@ fn shards_together_are_the_unsharded_run() {
     run_ok(&score_args(&input, &whole, &[]));
     let whole = std::fs::read_to_string(&whole).unwrap();
     // Input line n is output line n except after line 5 (skipped).
-    let by_line: Vec<(usize, &str)> = (1..=11)
-        .filter(|&n| n != 5)
-        .zip(whole.lines())
-        .collect();
+    let by_line: Vec<(usize, &str)> = (1..=11).filter(|&n| n != 5).zip(whole.lines()).collect();
     let mut union: Vec<String> = Vec::new();
     for i in 0..3 {
         let out = dir.join(format!("shard-{i}.jsonl"));
