@@ -23,6 +23,8 @@ import pytest
 import illmrec  # noqa: F401  (the bindings: tools/test.sh installs them)
 from ray.cluster_utils import Cluster
 
+from illmrec_tools import users as users_module
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release" / "illmrec"
 BUNDLE = ROOT / "models" / "demo-bundle"
@@ -30,15 +32,7 @@ USERS = int(os.environ.get("ILLMREC_RAY_USERS", "24"))
 
 
 def seeded_users(n, seed=15):
-    rng = random.Random(seed)
-    ids = [json.loads(line)["id"] for line in (BUNDLE / "items.jsonl").read_text().splitlines()]
-    users = []
-    for u in range(n):
-        user = {"user": u, "history": rng.sample(ids, rng.randint(2, 8))}
-        if u % 5 == 3:
-            user["candidates"] = rng.sample(ids, 30)
-        users.append(user)
-    return users
+    return users_module.seeded_users(BUNDLE, n, seed)
 
 
 @pytest.fixture(scope="module")
