@@ -11,7 +11,7 @@ GGUF model is memory-mapped, so the actors of one node share it through the page
 its batches with `score_batch`, the function `illmrec score` uses: records are the same, byte for
 byte. Output (a folder, one file per block, written by the workers in parallel):
 
-- `--format jsonl`: the `illmrec score` output lines (a malformed record is left out and counted
+- `--format jsonl`: the `illmrec score` output lines (a malformed record is left out and reported
   on stderr, as `illmrec score` skips it);
 - `--format parquet`: columns `user` (its JSON text), `history_used`, `item_ids` (list<uint64>),
   `scores` (list<float32>), `record` (the JSON line, null for a bad record) and `error` (null, or
@@ -67,6 +67,11 @@ def parse_args(argv=None):
     except (ValueError, AssertionError):
         p.error(f"--actors {a.actors!r}: expected N or MIN,MAX (at least 1)")
     a.actors = sizes[0] if len(sizes) == 1 else sizes
+    # Workers run in other folders: local paths are made absolute (URIs such as s3:// stay).
+    for name in ("bundle", "input", "output", "model", "cache_dir"):
+        value = getattr(a, name)
+        if value and "://" not in value:
+            setattr(a, name, str(Path(value).resolve()))
     return a
 
 
@@ -156,7 +161,7 @@ def main(argv=None):
     ds = ds.repartition(target_num_rows_per_block=a.batch_size, strict=True)
     scored = ds.map_batches(
         Scorer,
-        fn_constructor_args=(str(Path(a.bundle).resolve()), options, a.top_k, a.include_seen, from_text),
+        fn_constructor_args=(a.bundle, options, a.top_k, a.include_seen, from_text),
         batch_size=a.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=a.actors) if isinstance(a.actors, int)
@@ -170,7 +175,7 @@ def main(argv=None):
     else:
         scored.write_datasink(jsonl_sink(a.output))
     took = time.time() - t0
-    stats = ray.data.read_parquet(a.output) if a.format == "parquet" else None
+    stats = ray.data.read_parquet(a.output, columns=["error"]) if a.format == "parquet" else None
     if stats is not None:
         bad = stats.filter(lambda r: r["error"] is not None).count()
         n = stats.count()
