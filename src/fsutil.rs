@@ -168,6 +168,34 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// Whether an output path leads to a device, FIFO or socket (written through in place, never
+/// replaced) rather than to a regular file or nothing yet.
+pub fn is_special_output(path: &Path) -> Result<bool> {
+    Ok(matches!(resolve_output(path)?, Output::Special(_)))
+}
+
+/// The regular file an output path leads to (symlinks followed), for writers that keep work
+/// files beside it; a device, FIFO, folder or missing folder is an error.
+pub fn regular_output(path: &Path) -> Result<PathBuf> {
+    match resolve_output(path)? {
+        Output::Special(p) => bail!(
+            "{} is not a regular file (a device or FIFO cannot take this output)",
+            p.display()
+        ),
+        Output::Regular(real) => {
+            ensure_folder(&split_path(&real)?.0, path)?;
+            Ok(real)
+        }
+    }
+}
+
+/// Fsyncs the folder holding `path`, so that a rename to `path` survives a crash.
+pub fn sync_parent(path: &Path) {
+    if let Ok((dir, _)) = split_path(path) {
+        sync_dir(&dir);
+    }
+}
+
 /// Writes a file atomically (see the module doc): a crash at any point leaves either the old
 /// file or the new one in place, never a partial one. A device or FIFO is written through.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {

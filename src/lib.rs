@@ -10,12 +10,14 @@
 //! - [`item_vectors`]: the cached catalog side of scoring;
 //! - [`eval`]: the evaluation protocol (HR@k, NDCG@k, reference rankers);
 //! - [`rank`]: top-k selection over scored ids (pure);
+//! - [`batch`]: batch scoring records, `--shard` selection and the resumable output;
 //! - [`recommender`]: everything together;
 //! - [`npy`], [`jsonl`], [`fsutil`]: file helpers;
 //! - [`fuzz`]: seeded mutation fuzzing of every parser of outside bytes (tests and
 //!   `examples/fuzz.rs`).
 
 pub mod bank;
+pub mod batch;
 pub mod bundle;
 pub mod catalog;
 pub mod eval;

@@ -1,0 +1,206 @@
+//! The streaming `score`: `kill -9` at seeded random points then `--resume` gives exactly the
+//! uninterrupted run's output, with no finished user lost on the way; `--shard I/N` outputs
+//! together are exactly the unsharded output; bad `--shard`/`--resume` uses are clean errors.
+
+mod common;
+
+use common::s;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// (work dir, bundle dir, item ids), built once per test run.
+fn setup() -> &'static (PathBuf, PathBuf, Vec<u64>) {
+    static S: OnceLock<(PathBuf, PathBuf, Vec<u64>)> = OnceLock::new();
+    S.get_or_init(|| common::fresh_bundle("score-test"))
+}
+
+/// `n` user lines over the test bundle; line 5 (if any) has an unknown id and is skipped.
+fn users(dir: &Path, n: usize) -> PathBuf {
+    let ids = &setup().2;
+    let lines: String = (0..n)
+        .map(|u| match u {
+            4 => "{\"user\": \"bad\", \"history\": [999999999]}\n".to_string(),
+            _ => {
+                serde_json::json!({"user": format!("u{u}"),
+                "history": [ids[u % 40], ids[(u * 7 + 3) % 40], ids[(u * 13 + 5) % 40]]})
+                .to_string()
+                    + "\n"
+            }
+        })
+        .collect();
+    let p = dir.join("users.jsonl");
+    std::fs::write(&p, lines).unwrap();
+    p
+}
+
+fn score_args(input: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "score",
+        "--bundle",
+        &s(&setup().1),
+        "--input",
+        &s(input),
+        "--output",
+        &s(output),
+        "--threads",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+fn run_ok(args: &[String]) -> Duration {
+    let t = Instant::now();
+    let out = Command::new(common::BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "illmrec {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed()
+}
+
+/// The records a killed run has committed: the partial file up to the journal's last entry.
+fn committed(output: &Path) -> Vec<u8> {
+    let (partial, journal) = illmrec::batch::work_files(output).unwrap();
+    let Ok(j) = std::fs::read(&journal) else {
+        return Vec::new();
+    };
+    let p = std::fs::read(&partial).unwrap_or_default();
+    let header: serde_json::Value =
+        serde_json::from_slice(j.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let point = illmrec::batch::resume_point(&j, &header["run"], p.len() as u64).unwrap();
+    p[..point.end as usize].to_vec()
+}
+
+#[test]
+fn score_killed_then_resumed_equals_the_uninterrupted_run() {
+    let dir = setup().0.join("resume");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = users(&dir, 16);
+    let whole = dir.join("whole.jsonl");
+    let span = run_ok(&score_args(&input, &whole, &[])).mul_f64(1.1);
+    let complete = std::fs::read(&whole).unwrap();
+    assert_eq!(complete.iter().filter(|&&b| b == b'\n').count(), 15);
+    let output = dir.join("killed.jsonl");
+    std::fs::write(&output, "previous results\n").unwrap();
+    let mut before = 0;
+    let delays = common::seeded(21, 5);
+    for (k, x) in delays.iter().enumerate() {
+        let delay = span.mul_f64(((x + 1.0) / 2.0) as f64 * 0.6);
+        let resume: &[&str] = if k > 0 { &["--resume"] } else { &[] };
+        let mut child = Command::new(common::BIN)
+            .args(score_args(&input, &output, resume))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        if std::fs::read(&output).unwrap() != b"previous results\n" {
+            // The run finished before the kill.
+            assert_eq!(
+                std::fs::read(&output).unwrap(),
+                complete,
+                "a partial output"
+            );
+            break;
+        }
+        let now = committed(&output);
+        assert!(
+            complete.starts_with(&now),
+            "kill {k} after {delay:?}: committed records differ from the uninterrupted run's"
+        );
+        assert!(now.len() >= before, "kill {k}: a finished user was lost");
+        before = now.len();
+    }
+    assert!(
+        before > 0,
+        "no kill came after a commit: the test proves nothing"
+    );
+    run_ok(&score_args(&input, &output, &["--resume"]));
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        complete,
+        "users lost, repeated or scored differently"
+    );
+    let (partial, journal) = illmrec::batch::work_files(&output).unwrap();
+    assert!(!partial.exists() && !journal.exists(), "work files left");
+
+    // A journal of another run is not resumed into.
+    let mut child = Command::new(common::BIN)
+        .args(score_args(&input, &output, &[]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(span.mul_f64(0.5));
+    let _ = child.kill();
+    let _ = child.wait();
+    if journal.exists() {
+        let out = common::illmrec(
+            &score_args(&input, &output, &["--resume", "--top-k", "3"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        common::assert_clean_error(&out, "another input or other settings");
+    }
+}
+
+#[test]
+fn shards_together_are_the_unsharded_run() {
+    let dir = setup().0.join("shards");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = users(&dir, 11);
+    let whole = dir.join("whole.jsonl");
+    run_ok(&score_args(&input, &whole, &[]));
+    let whole = std::fs::read_to_string(&whole).unwrap();
+    // Input line n is output line n except after line 5 (skipped).
+    let by_line: Vec<(usize, &str)> = (1..=11).filter(|&n| n != 5).zip(whole.lines()).collect();
+    let mut union: Vec<String> = Vec::new();
+    for i in 0..3 {
+        let out = dir.join(format!("shard-{i}.jsonl"));
+        // --resume with no earlier run just starts.
+        run_ok(&score_args(
+            &input,
+            &out,
+            &["--shard", &format!("{i}/3"), "--resume"],
+        ));
+        let text = std::fs::read_to_string(&out).unwrap();
+        let want: Vec<&str> = by_line
+            .iter()
+            .filter(|(n, _)| (n - 1) % 3 == i)
+            .map(|(_, l)| *l)
+            .collect();
+        assert_eq!(text.lines().collect::<Vec<_>>(), want, "shard {i}/3");
+        union.extend(text.lines().map(String::from));
+    }
+    let mut all: Vec<String> = whole.lines().map(String::from).collect();
+    all.sort();
+    union.sort();
+    assert_eq!(union, all, "shards lost or repeated a user");
+}
+
+#[test]
+fn bad_shards_and_resumes_are_clean_errors() {
+    let dir = setup().0.join("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = users(&dir, 2);
+    let out = dir.join("o.jsonl");
+    for bad in ["3/3", "1/0", "x", "-1/2"] {
+        let flag = format!("--shard={bad}");
+        let args = score_args(&input, &out, &[&flag]);
+        let o = common::illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(o.status.code(), Some(2), "--shard {bad}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("shard"));
+    }
+    let args = score_args(&input, Path::new("/dev/null"), &["--resume"]);
+    let o = common::illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    common::assert_clean_error(&o, "--resume needs a regular output file");
+}
