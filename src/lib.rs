@@ -2,7 +2,8 @@
 //! as its title plus one visual token.
 //!
 //! Layout:
-//! - [`llm`]: the llama.cpp engine (the only module with FFI `unsafe`);
+//! - [`llm`]: the llama.cpp engine (FFI `unsafe`);
+//! - [`cpu`]: CPU feature and AMX probes, and the choice of ggml's CPU variant (CPUID `unsafe`);
 //! - [`heads`]: adaptor, `[REC]` and retrieval heads from a checkpoint;
 //! - [`bank`]: memory-mapped feature banks;
 //! - [`catalog`], [`bundle`]: items and the deployment folder;
@@ -20,6 +21,7 @@ pub mod bank;
 pub mod batch;
 pub mod bundle;
 pub mod catalog;
+pub mod cpu;
 pub mod eval;
 pub mod fsutil;
 pub mod fuzz;

@@ -73,7 +73,146 @@ pub fn set_verbose(verbose: bool) {
 /// Initialises llama.cpp once per process (its log stays as [`set_verbose`] set it).
 fn backend() -> &'static LlamaBackend {
     install_logger();
-    BACKEND.get_or_init(|| LlamaBackend::init().expect("llama.cpp backend initialised twice"))
+    BACKEND.get_or_init(|| {
+        let b = LlamaBackend::init().expect("llama.cpp backend initialised twice");
+        #[cfg(feature = "cpu-variants")]
+        CPU_VARIANT.get_or_init(variants::load_best);
+        b
+    })
+}
+
+/// The CPU variant loaded at start-up (builds with the `cpu-variants` feature), or why none was.
+#[cfg(feature = "cpu-variants")]
+static CPU_VARIANT: OnceLock<std::result::Result<(crate::cpu::Choice, PathBuf), String>> =
+    OnceLock::new();
+
+/// Fails when this build loads its CPU code at run time and could not (names the folder).
+fn check_cpu_backend() -> Result<()> {
+    backend();
+    #[cfg(feature = "cpu-variants")]
+    if let Some(Err(e)) = CPU_VARIANT.get() {
+        bail!("{e}");
+    }
+    Ok(())
+}
+
+/// Which CPU code this build runs, and why (for `illmrec info`).
+pub fn cpu_build() -> String {
+    backend();
+    #[cfg(feature = "cpu-variants")]
+    {
+        match CPU_VARIANT.get() {
+            Some(Ok((c, path))) => format!("{} from {} ({})", c.name, path.display(), c.reason),
+            Some(Err(e)) => format!("none loaded: {e}"),
+            None => "not initialised".into(),
+        }
+    }
+    #[cfg(not(feature = "cpu-variants"))]
+    {
+        let mut on = Vec::new();
+        for (flag, name) in [
+            (cfg!(target_feature = "avx2"), "AVX2"),
+            (cfg!(target_feature = "avx512f"), "AVX-512"),
+        ] {
+            if flag {
+                on.push(name);
+            }
+        }
+        format!(
+            "one CPU build, fixed at compile time (see `backends` for its instruction sets{}); \
+             build with `--features cpu-variants` to choose the best of ggml's CPU variants at run time",
+            if on.is_empty() { String::new() } else { format!("; Rust code: {}", on.join(", ")) }
+        )
+    }
+}
+
+/// Run-time choice among ggml's CPU variants (`libggml-cpu-<name>.so`, built by llama.cpp's
+/// GGML_CPU_ALL_VARIANTS): every variant reports a score for this CPU (0 = cannot run), and the
+/// best one is loaded, with the AMX variant allowed only when [`crate::cpu`] proved AMX runs.
+#[cfg(feature = "cpu-variants")]
+mod variants {
+    use super::sys;
+    use crate::cpu::{choose_variant, Choice, Features};
+    use std::ffi::CString;
+    use std::path::{Path, PathBuf};
+
+    /// Where the variants are: `ILLMREC_CPU_VARIANTS_DIR`, else next to the executable.
+    fn dir() -> std::result::Result<PathBuf, String> {
+        if let Some(d) = std::env::var_os("ILLMREC_CPU_VARIANTS_DIR") {
+            return Ok(PathBuf::from(d));
+        }
+        let exe = std::env::current_exe().map_err(|e| format!("cannot locate the executable: {e}"))?;
+        let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        // `cargo test` runs binaries from target/<profile>/deps; the libraries sit one level up.
+        if dir.file_name().is_some_and(|n| n == "deps") && !has_variants(&dir) {
+            if let Some(up) = dir.parent() {
+                return Ok(up.to_path_buf());
+            }
+        }
+        Ok(dir)
+    }
+
+    fn has_variants(dir: &Path) -> bool {
+        list(dir).map(|v| !v.is_empty()).unwrap_or(false)
+    }
+
+    fn list(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else { continue };
+            if let Some(v) = name.strip_prefix("libggml-cpu-").and_then(|n| n.strip_suffix(".so")) {
+                out.push((v.to_string(), p.clone()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// ggml's own score of one variant for this CPU, read without loading it as a backend.
+    fn score(path: &Path) -> i32 {
+        let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return 0 };
+        // SAFETY: dlopen/dlsym/dlclose on a file we list; the symbol has ggml's documented
+        // signature `int ggml_backend_score(void)` and only reads CPUID.
+        unsafe {
+            let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+            if h.is_null() {
+                return 0;
+            }
+            let f = libc::dlsym(h, c"ggml_backend_score".as_ptr());
+            let s = if f.is_null() {
+                0
+            } else {
+                let f: extern "C" fn() -> i32 = std::mem::transmute(f);
+                f()
+            };
+            libc::dlclose(h);
+            s
+        }
+    }
+
+    pub fn load_best() -> std::result::Result<(Choice, PathBuf), String> {
+        let dir = dir()?;
+        let found = list(&dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        if found.is_empty() {
+            return Err(format!(
+                "no ggml CPU variants (libggml-cpu-*.so) in {}; set ILLMREC_CPU_VARIANTS_DIR",
+                dir.display()
+            ));
+        }
+        let scored: Vec<(String, i32)> = found.iter().map(|(n, p)| (n.clone(), score(p))).collect();
+        let features = Features::detect();
+        let choice = choose_variant(&scored, features.amx_usable())
+            .ok_or_else(|| format!("none of the CPU variants in {} runs on this CPU", dir.display()))?;
+        let path = found.iter().find(|(n, _)| *n == choice.name).map(|(_, p)| p.clone()).unwrap();
+        let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: registers the backend library with ggml; returns null on failure.
+        let reg = unsafe { sys::ggml_backend_load(c.as_ptr()) };
+        if reg.is_null() {
+            return Err(format!("ggml could not load {}", path.display()));
+        }
+        Ok((choice, path))
+    }
 }
 
 /// Metadata read from a GGUF header without loading tensors.
@@ -333,7 +472,7 @@ impl Model {
     pub fn load(path: &Path, opts: &ModelOptions) -> Result<Self> {
         set_verbose(opts.verbose);
         let info = GgufInfo::read(path)?;
-        backend();
+        check_cpu_backend()?;
         let c_path = path_to_cstring(path)?;
         // SAFETY: default params are a valid struct; the path is a valid C string.
         let raw = unsafe {

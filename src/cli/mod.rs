@@ -275,6 +275,8 @@ fn info(a: InfoArgs) -> Result<()> {
             "not in this build"
         }
     );
+    println!("cpu: {}", illmrec::cpu::Features::detect());
+    println!("cpu build: {}", llm::cpu_build());
     println!("backends: {}", llm::system_info().trim());
     let model = match a.model {
         Some(m) => Some(m),

@@ -1,0 +1,47 @@
+//! Build script: only for the `cpu-variants` feature. llama.cpp is then built as shared libraries
+//! with one CPU library per instruction-set level (ggml's GGML_CPU_ALL_VARIANTS); this copies
+//! them, and the shared libraries under the names the binary asks for, next to the binaries
+//! (target/<profile>/), and makes the binaries look for libraries in their own folder
+//! (rpath `$ORIGIN`), so `target/release/` can be copied to another machine as one folder.
+
+use std::path::{Path, PathBuf};
+
+fn copy_if_changed(from: &Path, to: &Path) {
+    let same = std::fs::read(to).ok() == std::fs::read(from).ok();
+    if !same {
+        let tmp = to.with_extension("tmp-copy");
+        std::fs::copy(from, &tmp).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        std::fs::rename(&tmp, to).unwrap();
+    }
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_none() {
+        return;
+    }
+    println!("cargo:rerun-if-env-changed=DEP_LLAMA_BACKENDS_DIR");
+    let backends = PathBuf::from(
+        std::env::var("DEP_LLAMA_BACKENDS_DIR").expect("llama-cpp-sys-2 did not report its backends folder"),
+    );
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let profile_dir = out.ancestors().nth(3).expect("OUT_DIR layout").to_path_buf();
+    for e in std::fs::read_dir(&backends).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("libggml-cpu-") && name.ends_with(".so") {
+            copy_if_changed(&p, &profile_dir.join(&name));
+        }
+    }
+    // The binaries need libllama.so.0, libggml.so.0, ... (their sonames).
+    let lib = backends.parent().unwrap().join("lib");
+    for e in std::fs::read_dir(&lib).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".so.0") {
+            copy_if_changed(&std::fs::canonicalize(&p).unwrap(), &profile_dir.join(&name));
+        }
+    }
+    println!("cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN");
+    println!("cargo:rustc-link-arg-examples=-Wl,-rpath,$ORIGIN/..");
+}
