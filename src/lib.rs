@@ -25,6 +25,7 @@ pub mod heads;
 pub mod item_vectors;
 pub mod jsonl;
 pub mod llm;
+pub mod mobilenet;
 pub mod npy;
 pub mod prompt;
 pub mod rank;

@@ -1,0 +1,682 @@
+//! The MobileNet v1 embedding extractor that the Python tools run through TFLite
+//! (`models/mobilenet/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite`, Apache-2.0, built
+//! into the binary): reading its weights out of the `.tflite` flatbuffer and running its
+//! uint8-quantized graph with the integer arithmetic of XNNPACK, the kernels `ai-edge-litert`
+//! runs on x86 (so that the embedding is the Python side's, not an approximation of it).
+//!
+//! The graph is a chain of `CONV_2D`, `DEPTHWISE_CONV_2D` and one `AVERAGE_POOL_2D`, every tensor
+//! per-tensor quantized. Each layer's accumulator is the exact integer
+//! `bias + Σ (x − x_zp)(w − w_zp)`, computed in f32 (exact below 2^24, which these sums stay
+//! far under); it is requantized as XNNPACK's "fp32" scheme does:
+//! `clamp(round_half_even(acc · (s_x·s_w/s_y)) + y_zp, qmin, qmax)` with the scale in f32.
+//! Pointwise and full convolutions are one f32 matrix product each (`matrixmultiply`, which picks
+//! AVX/FMA at run time); depthwise layers are direct loops over channels.
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// The model file, as shipped in `models/mobilenet/` (with its licence).
+pub const MODEL_BYTES: &[u8] =
+    include_bytes!("../models/mobilenet/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite");
+/// sha256 of [`MODEL_BYTES`] (the same as `tools/illmrec_tools/features.py`'s `MODEL_SHA256`).
+pub const MODEL_SHA256: &str = "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319";
+
+// TFLite schema codes used here.
+const OP_AVERAGE_POOL_2D: i32 = 1;
+const OP_CONV_2D: i32 = 3;
+const OP_DEPTHWISE_CONV_2D: i32 = 4;
+const TYPE_INT32: u8 = 2;
+const TYPE_UINT8: u8 = 3;
+const PADDING_SAME: u8 = 0;
+const ACT_NONE: u8 = 0;
+const ACT_RELU: u8 = 1;
+const ACT_RELU6: u8 = 3;
+
+/// A minimal, bounds-checked flatbuffer table reader (just what the TFLite schema needs).
+#[derive(Clone, Copy)]
+struct Table<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    vtable: usize,
+    vtable_len: usize,
+}
+
+fn read_u32(buf: &[u8], pos: usize) -> Result<u32> {
+    let b = buf
+        .get(pos..pos.checked_add(4).context("offset overflow")?)
+        .context("flatbuffer offset out of bounds")?;
+    Ok(u32::from_le_bytes(b.try_into().unwrap()))
+}
+
+fn read_u16(buf: &[u8], pos: usize) -> Result<u16> {
+    let b = buf
+        .get(pos..pos.checked_add(2).context("offset overflow")?)
+        .context("flatbuffer offset out of bounds")?;
+    Ok(u16::from_le_bytes(b.try_into().unwrap()))
+}
+
+impl<'a> Table<'a> {
+    fn at(buf: &'a [u8], pos: usize) -> Result<Self> {
+        let soffset = read_u32(buf, pos)? as i32 as i64;
+        let vtable = usize::try_from(pos as i64 - soffset).context("bad vtable offset")?;
+        let vtable_len = read_u16(buf, vtable)? as usize;
+        ensure!(vtable_len >= 4, "bad vtable");
+        Ok(Self {
+            buf,
+            pos,
+            vtable,
+            vtable_len,
+        })
+    }
+
+    fn root(buf: &'a [u8]) -> Result<Self> {
+        Self::at(buf, read_u32(buf, 0)? as usize)
+    }
+
+    /// Where field `slot` is stored, if present.
+    fn field(&self, slot: usize) -> Result<Option<usize>> {
+        let entry = 4 + 2 * slot;
+        if entry + 2 > self.vtable_len {
+            return Ok(None);
+        }
+        let off = read_u16(self.buf, self.vtable + entry)? as usize;
+        Ok((off != 0).then_some(self.pos + off))
+    }
+
+    fn scalar<const N: usize>(&self, slot: usize) -> Result<Option<[u8; N]>> {
+        match self.field(slot)? {
+            None => Ok(None),
+            Some(p) => Ok(Some(
+                self.buf
+                    .get(p..p + N)
+                    .context("flatbuffer field out of bounds")?
+                    .try_into()
+                    .unwrap(),
+            )),
+        }
+    }
+
+    fn u8(&self, slot: usize, default: u8) -> Result<u8> {
+        Ok(self.scalar::<1>(slot)?.map_or(default, |b| b[0]))
+    }
+
+    fn i32(&self, slot: usize, default: i32) -> Result<i32> {
+        Ok(self.scalar::<4>(slot)?.map_or(default, i32::from_le_bytes))
+    }
+
+    /// The target of an offset field.
+    fn indirect(&self, slot: usize) -> Result<Option<usize>> {
+        match self.field(slot)? {
+            None => Ok(None),
+            Some(p) => Ok(Some(
+                p.checked_add(read_u32(self.buf, p)? as usize)
+                    .context("offset overflow")?,
+            )),
+        }
+    }
+
+    fn table(&self, slot: usize) -> Result<Option<Table<'a>>> {
+        self.indirect(slot)?
+            .map(|p| Table::at(self.buf, p))
+            .transpose()
+    }
+
+    /// A vector field: (first element position, length).
+    fn vector(&self, slot: usize, elem: usize) -> Result<(usize, usize)> {
+        let Some(p) = self.indirect(slot)? else {
+            return Ok((0, 0));
+        };
+        let len = read_u32(self.buf, p)? as usize;
+        let end = len
+            .checked_mul(elem)
+            .and_then(|n| n.checked_add(p + 4))
+            .context("vector length overflow")?;
+        ensure!(end <= self.buf.len(), "flatbuffer vector out of bounds");
+        Ok((p + 4, len))
+    }
+
+    fn bytes(&self, slot: usize) -> Result<&'a [u8]> {
+        let (start, len) = self.vector(slot, 1)?;
+        Ok(&self.buf[start..start + len])
+    }
+
+    fn tables(&self, slot: usize) -> Result<Vec<Table<'a>>> {
+        let (start, len) = self.vector(slot, 4)?;
+        (0..len)
+            .map(|i| {
+                let p = start + 4 * i;
+                Table::at(self.buf, p + read_u32(self.buf, p)? as usize)
+            })
+            .collect()
+    }
+
+    fn i32s(&self, slot: usize) -> Result<Vec<i32>> {
+        Ok(self
+            .bytes4(slot)?
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    fn f32s(&self, slot: usize) -> Result<Vec<f32>> {
+        Ok(self
+            .bytes4(slot)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    fn i64s(&self, slot: usize) -> Result<Vec<i64>> {
+        let (start, len) = self.vector(slot, 8)?;
+        Ok(self.buf[start..start + 8 * len]
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    fn bytes4(&self, slot: usize) -> Result<&'a [u8]> {
+        let (start, len) = self.vector(slot, 4)?;
+        Ok(&self.buf[start..start + 4 * len])
+    }
+}
+
+/// One tensor of the graph: shape, type, per-tensor quantization and constant data.
+struct Tensor<'a> {
+    shape: Vec<usize>,
+    dtype: u8,
+    scale: f32,
+    zero_point: i32,
+    data: &'a [u8],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Quant {
+    scale: f32,
+    zero_point: i32,
+}
+
+enum Layer {
+    /// A full convolution (`k`×`k`, im2col + one matrix product; k = 1 is pointwise).
+    Conv {
+        k: usize,
+        stride: usize,
+        same: bool,
+        cin: usize,
+        cout: usize,
+        /// `w − w_zp`, [cout][k·k·cin] (TFLite's OHWI order).
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+        scale: f32,
+        out_zp: i32,
+        qmin: i32,
+        qmax: i32,
+    },
+    /// A depthwise 3×3-style convolution with depth multiplier 1.
+    Depthwise {
+        k: usize,
+        stride: usize,
+        same: bool,
+        channels: usize,
+        /// `w − w_zp`, [k·k][channels].
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+        scale: f32,
+        out_zp: i32,
+        qmin: i32,
+        qmax: i32,
+    },
+    /// Average over the whole `k`×`k` input (one output position).
+    AvgPool { k: usize, scale: f32 },
+}
+
+/// The loaded network.
+pub struct MobileNet {
+    input: Quant,
+    input_size: usize,
+    layers: Vec<Layer>,
+    output: Quant,
+    dim: usize,
+}
+
+/// Output activation range of a fused activation, in quantized units (TFLite's rule).
+fn activation_range(act: u8, q: Quant) -> Result<(i32, i32)> {
+    let quant = |x: f32| q.zero_point + (x / q.scale).round() as i32;
+    Ok(match act {
+        ACT_NONE => (0, 255),
+        ACT_RELU => (quant(0.0).max(0), 255),
+        ACT_RELU6 => (quant(0.0).max(0), quant(6.0).min(255)),
+        other => bail!("fused activation {other} is not supported"),
+    })
+}
+
+/// Output size and padding before, TFLite's SAME/VALID rule.
+fn out_size(input: usize, k: usize, stride: usize, same: bool) -> (usize, usize) {
+    if same {
+        let out = input.div_ceil(stride);
+        let total = ((out - 1) * stride + k).saturating_sub(input);
+        (out, total / 2)
+    } else {
+        ((input - k) / stride + 1, 0)
+    }
+}
+
+impl MobileNet {
+    /// The shipped model.
+    pub fn shipped() -> Result<Self> {
+        Self::from_tflite(MODEL_BYTES)
+    }
+
+    /// Reads a uint8-quantized chain of CONV_2D / DEPTHWISE_CONV_2D / AVERAGE_POOL_2D from
+    /// `.tflite` bytes; anything else in the graph is an error.
+    pub fn from_tflite(buf: &[u8]) -> Result<Self> {
+        let model = Table::root(buf).context("not a TFLite model")?;
+        let codes: Vec<i32> = model
+            .tables(1)?
+            .iter()
+            .map(|c| {
+                let deprecated = c.u8(0, 0)? as i32;
+                let code = c.i32(3, 0)?;
+                Ok(code.max(deprecated))
+            })
+            .collect::<Result<_>>()?;
+        let buffers = model.tables(4)?;
+        let subgraphs = model.tables(2)?;
+        ensure!(subgraphs.len() == 1, "expected one subgraph");
+        let g = subgraphs[0];
+        let tensors: Vec<Tensor> = g
+            .tables(0)?
+            .iter()
+            .map(|t| {
+                let shape = t
+                    .i32s(0)?
+                    .into_iter()
+                    .map(|d| usize::try_from(d).context("negative dimension"))
+                    .collect::<Result<Vec<_>>>()?;
+                let buffer = t.i32(2, 0)? as usize;
+                let data = match buffers.get(buffer) {
+                    Some(b) => b.bytes(0)?,
+                    None => &[],
+                };
+                let (scale, zero_point) = match t.table(4)? {
+                    Some(q) => {
+                        let s = q.f32s(2)?;
+                        let z = q.i64s(3)?;
+                        ensure!(s.len() <= 1, "per-channel quantization is not supported");
+                        (
+                            s.first().copied().unwrap_or(0.0),
+                            z.first().copied().unwrap_or(0) as i32,
+                        )
+                    }
+                    None => (0.0, 0),
+                };
+                Ok(Tensor {
+                    shape,
+                    dtype: t.u8(1, 0)?,
+                    scale,
+                    zero_point,
+                    data,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let get = |i: i32| -> Result<&Tensor> {
+            tensors
+                .get(usize::try_from(i).context("bad tensor index")?)
+                .context("tensor index out of range")
+        };
+        let quant = |t: &Tensor| -> Result<Quant> {
+            ensure!(
+                t.dtype == TYPE_UINT8 && t.scale > 0.0 && t.scale.is_finite(),
+                "expected a uint8 tensor with a positive scale"
+            );
+            Ok(Quant {
+                scale: t.scale,
+                zero_point: t.zero_point,
+            })
+        };
+        let inputs = g.i32s(1)?;
+        ensure!(inputs.len() == 1, "expected one input");
+        let input_t = get(inputs[0])?;
+        let input = quant(input_t)?;
+        ensure!(
+            input_t.shape.len() == 4
+                && input_t.shape[0] == 1
+                && input_t.shape[1] == input_t.shape[2]
+                && input_t.shape[3] == 3,
+            "expected a 1×S×S×3 input, found {:?}",
+            input_t.shape
+        );
+        let input_size = input_t.shape[1];
+        let (mut size, mut channels, mut current) = (input_size, 3usize, input);
+        let mut layers = Vec::new();
+        let mut last = inputs[0];
+        let mut output = input;
+        for op in g.tables(3)? {
+            let code = *codes
+                .get(op.i32(0, 0)? as usize)
+                .context("bad opcode index")?;
+            let ins = op.i32s(1)?;
+            let outs = op.i32s(2)?;
+            ensure!(
+                !ins.is_empty() && outs.len() == 1 && ins[0] == last,
+                "the graph is not a single chain"
+            );
+            let out_t = get(outs[0])?;
+            let out_q = quant(out_t)?;
+            let opts = op.table(4)?;
+            match code {
+                OP_CONV_2D | OP_DEPTHWISE_CONV_2D => {
+                    ensure!(ins.len() == 3, "convolution without bias");
+                    let w = get(ins[1])?;
+                    let b = get(ins[2])?;
+                    let wq = quant(w)?;
+                    ensure!(
+                        b.dtype == TYPE_INT32 && w.shape.len() == 4 && w.shape[1] == w.shape[2],
+                        "unexpected convolution weights"
+                    );
+                    let opts = opts.context("convolution without options")?;
+                    let same = opts.u8(0, 0)? == PADDING_SAME;
+                    let (sw, sh) = (opts.i32(1, 1)?, opts.i32(2, 1)?);
+                    ensure!(sw == sh && sw >= 1, "unequal strides are not supported");
+                    let act_slot = if code == OP_CONV_2D { 3 } else { 4 };
+                    let (dil_w, dil_h) = if code == OP_CONV_2D {
+                        (opts.i32(4, 1)?, opts.i32(5, 1)?)
+                    } else {
+                        (opts.i32(5, 1)?, opts.i32(6, 1)?)
+                    };
+                    ensure!(dil_w == 1 && dil_h == 1, "dilation is not supported");
+                    let (qmin, qmax) = activation_range(opts.u8(act_slot, 0)?, out_q)?;
+                    let k = w.shape[1];
+                    let stride = sw as usize;
+                    let weights: Vec<f32> = w
+                        .data
+                        .iter()
+                        .map(|&v| (v as i32 - wq.zero_point) as f32)
+                        .collect();
+                    ensure!(
+                        weights.len() == w.shape.iter().product::<usize>(),
+                        "weights size does not match their shape"
+                    );
+                    let bias: Vec<f32> = b
+                        .data
+                        .chunks_exact(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                        .collect();
+                    // XNNPACK's requantization scale, in f32 as it computes it.
+                    let scale = current.scale * wq.scale / out_q.scale;
+                    let (out, _) = out_size(size, k, stride, same);
+                    if code == OP_CONV_2D {
+                        let cout = w.shape[0];
+                        ensure!(
+                            w.shape[3] == channels && bias.len() == cout,
+                            "convolution shapes do not chain"
+                        );
+                        layers.push(Layer::Conv {
+                            k,
+                            stride,
+                            same,
+                            cin: channels,
+                            cout,
+                            weights,
+                            bias,
+                            scale,
+                            out_zp: out_q.zero_point,
+                            qmin,
+                            qmax,
+                        });
+                        channels = cout;
+                    } else {
+                        ensure!(
+                            w.shape[0] == 1 && w.shape[3] == channels && bias.len() == channels,
+                            "only depth multiplier 1 is supported"
+                        );
+                        layers.push(Layer::Depthwise {
+                            k,
+                            stride,
+                            same,
+                            channels,
+                            weights,
+                            bias,
+                            scale,
+                            out_zp: out_q.zero_point,
+                            qmin,
+                            qmax,
+                        });
+                    }
+                    size = out;
+                }
+                OP_AVERAGE_POOL_2D => {
+                    let opts = opts.context("pooling without options")?;
+                    let (fw, fh) = (opts.i32(3, 0)?, opts.i32(4, 0)?);
+                    ensure!(
+                        fw == fh && fw as usize == size,
+                        "only a global average pool is supported"
+                    );
+                    let n = (size * size) as f32;
+                    layers.push(Layer::AvgPool {
+                        k: size,
+                        scale: current.scale / (out_q.scale * n),
+                    });
+                    size = 1;
+                }
+                other => bail!("TFLite operator {other} is not supported"),
+            }
+            ensure!(
+                out_t.shape == [1, size, size, channels],
+                "output shape {:?} does not match the computed one",
+                out_t.shape
+            );
+            current = out_q;
+            output = out_q;
+            last = outs[0];
+        }
+        ensure!(
+            g.i32s(2)? == [last] && size == 1 && !layers.is_empty(),
+            "the graph's output is not a 1×1 pooled embedding"
+        );
+        Ok(Self {
+            input,
+            input_size,
+            layers,
+            output,
+            dim: channels,
+        })
+    }
+
+    /// Side of the square RGB input (224).
+    pub fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    /// Embedding dimension (1024).
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The quantized embedding (uint8) of an `input_size`² RGB image (row-major, uint8 RGB).
+    pub fn run_quantized(&self, rgb: &[u8]) -> Result<Vec<u8>> {
+        let s = self.input_size;
+        ensure!(
+            rgb.len() == s * s * 3,
+            "expected {s}×{s}×3 pixels, got {} bytes",
+            rgb.len()
+        );
+        // Activations are kept as (q − zero point) in f32.
+        let mut x: Vec<f32> = rgb
+            .iter()
+            .map(|&v| (v as i32 - self.input.zero_point) as f32)
+            .collect();
+        let mut size = s;
+        let mut channels = 3;
+        let mut scratch = Vec::new();
+        for layer in &self.layers {
+            match layer {
+                Layer::Conv {
+                    k,
+                    stride,
+                    same,
+                    cin,
+                    cout,
+                    weights,
+                    bias,
+                    scale,
+                    out_zp,
+                    qmin,
+                    qmax,
+                } => {
+                    let (out, pad) = out_size(size, *k, *stride, *same);
+                    let kk = k * k * cin;
+                    let a: &[f32] = if *k == 1 && *stride == 1 {
+                        &x
+                    } else {
+                        im2col(&x, size, *cin, *k, *stride, out, pad, &mut scratch);
+                        &scratch
+                    };
+                    let m = out * out;
+                    let mut y = vec![0f32; m * cout];
+                    // SAFETY: the slices hold m×kk, cout×kk (read as kk×cout through the
+                    // strides) and m×cout values, as matrixmultiply requires.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            m,
+                            kk,
+                            *cout,
+                            1.0,
+                            a.as_ptr(),
+                            kk as isize,
+                            1,
+                            weights.as_ptr(),
+                            1,
+                            kk as isize,
+                            0.0,
+                            y.as_mut_ptr(),
+                            *cout as isize,
+                            1,
+                        );
+                    }
+                    for row in y.chunks_exact_mut(*cout) {
+                        for (v, b) in row.iter_mut().zip(bias) {
+                            *v = requantize(*v + b, *scale, *out_zp, *qmin, *qmax);
+                        }
+                    }
+                    x = y;
+                    size = out;
+                    channels = *cout;
+                }
+                Layer::Depthwise {
+                    k,
+                    stride,
+                    same,
+                    channels: c,
+                    weights,
+                    bias,
+                    scale,
+                    out_zp,
+                    qmin,
+                    qmax,
+                } => {
+                    let (out, pad) = out_size(size, *k, *stride, *same);
+                    let mut y = vec![0f32; out * out * c];
+                    let mut acc = vec![0f32; *c];
+                    for oy in 0..out {
+                        for ox in 0..out {
+                            acc.copy_from_slice(bias);
+                            for ky in 0..*k {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                if iy < 0 || iy >= size as isize {
+                                    continue;
+                                }
+                                for kx in 0..*k {
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    if ix < 0 || ix >= size as isize {
+                                        continue;
+                                    }
+                                    let src = &x[(iy as usize * size + ix as usize) * c..][..*c];
+                                    let w = &weights[(ky * k + kx) * c..][..*c];
+                                    for ((a, s), w) in acc.iter_mut().zip(src).zip(w) {
+                                        *a += s * w;
+                                    }
+                                }
+                            }
+                            let dst = &mut y[(oy * out + ox) * c..][..*c];
+                            for (d, a) in dst.iter_mut().zip(&acc) {
+                                *d = requantize(*a, *scale, *out_zp, *qmin, *qmax);
+                            }
+                        }
+                    }
+                    x = y;
+                    size = out;
+                }
+                Layer::AvgPool { k, scale } => {
+                    let mut sum = vec![0f32; channels];
+                    for p in 0..k * k {
+                        for (s, v) in sum.iter_mut().zip(&x[p * channels..][..channels]) {
+                            *s += v;
+                        }
+                    }
+                    x = sum
+                        .iter()
+                        .map(|s| requantize(*s, *scale, self.output.zero_point, 0, 255))
+                        .collect();
+                    size = 1;
+                }
+            }
+        }
+        debug_assert_eq!(size, 1);
+        Ok(x.iter()
+            .map(|v| (*v as i32 + self.output.zero_point) as u8)
+            .collect())
+    }
+
+    /// The dequantized embedding, `(q − zp) · scale` in f32, as `features.py` computes it.
+    pub fn run(&self, rgb: &[u8]) -> Result<Vec<f32>> {
+        let q = self.run_quantized(rgb)?;
+        Ok(q.iter()
+            .map(|&v| (v as f32 - self.output.zero_point as f32) * self.output.scale)
+            .collect())
+    }
+}
+
+/// XNNPACK's fp32 requantization, returning (q − zero point) as f32.
+#[inline]
+fn requantize(acc: f32, scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> f32 {
+    let y = (acc * scale)
+        .max((qmin - zero_point) as f32)
+        .min((qmax - zero_point) as f32);
+    y.round_ties_even()
+}
+
+/// Rows of k×k×c input patches (zero = the input's zero point outside the image).
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    x: &[f32],
+    size: usize,
+    c: usize,
+    k: usize,
+    stride: usize,
+    out: usize,
+    pad: usize,
+    dst: &mut Vec<f32>,
+) {
+    dst.clear();
+    dst.resize(out * out * k * k * c, 0.0);
+    let mut row = 0;
+    for oy in 0..out {
+        for ox in 0..out {
+            let patch = &mut dst[row * k * k * c..][..k * k * c];
+            for ky in 0..k {
+                let iy = (oy * stride + ky) as isize - pad as isize;
+                if iy < 0 || iy >= size as isize {
+                    continue;
+                }
+                for kx in 0..k {
+                    let ix = (ox * stride + kx) as isize - pad as isize;
+                    if ix < 0 || ix >= size as isize {
+                        continue;
+                    }
+                    patch[(ky * k + kx) * c..][..c]
+                        .copy_from_slice(&x[(iy as usize * size + ix as usize) * c..][..c]);
+                }
+            }
+            row += 1;
+        }
+    }
+}
