@@ -24,6 +24,7 @@ pub mod fuzz;
 pub mod heads;
 pub mod item_vectors;
 pub mod jsonl;
+pub mod image_encoder;
 pub mod llm;
 pub mod mobilenet;
 pub mod npy;
