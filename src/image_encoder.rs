@@ -137,7 +137,10 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Rgb> {
         let mut started = d.rgb()?;
         let pixels: Vec<u8> = started.read_scanlines()?;
         started.finish()?;
-        ensure!(pixels.len() == width * height * 3, "the JPEG data is incomplete");
+        ensure!(
+            pixels.len() == width * height * 3,
+            "the JPEG data is incomplete"
+        );
         Ok(Rgb {
             width: width as u32,
             height: height as u32,
@@ -320,6 +323,42 @@ impl ImageEncoder {
             .into_iter()
             .map(|r| r.expect("every file was encoded"))
             .collect()
+    }
+}
+
+/// Feature rows of many images, in input order.
+pub struct Encoded {
+    pub ids: Vec<u64>,
+    /// `ids.len()` × `dim` values, row-major.
+    pub rows: Vec<f32>,
+    pub dim: usize,
+    /// Wall time of decoding, resizing and encoding them all.
+    pub seconds: f64,
+}
+
+impl ImageEncoder {
+    /// Encodes (id, file) pairs on `threads` threads; the first file that fails stops it with an
+    /// error naming the file (and its id).
+    pub fn encode_all(
+        &self,
+        pairs: &[(u64, PathBuf)],
+        threads: usize,
+        done: &(dyn Fn() + Sync),
+    ) -> Result<Encoded> {
+        let t = std::time::Instant::now();
+        let paths: Vec<PathBuf> = pairs.iter().map(|(_, p)| p.clone()).collect();
+        let results = self.encode_files(&paths, threads, done);
+        let seconds = t.elapsed().as_secs_f64();
+        let mut rows = Vec::with_capacity(pairs.len() * self.dim());
+        for ((id, _), r) in pairs.iter().zip(results) {
+            rows.extend(r.with_context(|| format!("item {id}"))?);
+        }
+        Ok(Encoded {
+            ids: pairs.iter().map(|(id, _)| *id).collect(),
+            rows,
+            dim: self.dim(),
+            seconds,
+        })
     }
 }
 
