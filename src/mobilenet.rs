@@ -6,11 +6,12 @@
 //!
 //! The graph is a chain of `CONV_2D`, `DEPTHWISE_CONV_2D` and one `AVERAGE_POOL_2D`, every tensor
 //! per-tensor quantized. Each layer's accumulator is the exact integer
-//! `bias + Σ (x − x_zp)(w − w_zp)`, computed in f32 (exact below 2^24, which these sums stay
-//! far under); it is requantized as XNNPACK's "fp32" scheme does:
-//! `clamp(round_half_even(acc · (s_x·s_w/s_y)) + y_zp, qmin, qmax)` with the scale in f32.
-//! Pointwise and full convolutions are one f32 matrix product each (`matrixmultiply`, which picks
-//! AVX/FMA at run time); depthwise layers are direct loops over channels.
+//! `bias + Σ (x − x_zp)(w − w_zp)` (i16 operands, i32 sums); it is requantized as XNNPACK's
+//! "fp32" scheme does: `clamp(round_half_even(acc · (s_x·s_w/s_y)) + y_zp, qmin, qmax)` with the
+//! scale in f32. Pointwise and full convolutions are one integer matrix product each (im2col
+//! for the first) with an AVX2 `vpmaddwd` kernel where the CPU has it (checked at run time; a
+//! plain loop elsewhere); depthwise layers are direct loops over channels. The result is the
+//! same integers whichever path runs.
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -202,9 +203,13 @@ enum Layer {
         same: bool,
         cin: usize,
         cout: usize,
-        /// `w − w_zp`, [cout][k·k·cin] (TFLite's OHWI order).
-        weights: Vec<f32>,
-        bias: Vec<f32>,
+        /// `w − w_zp`, [cout][kp] (TFLite's OHWI order, each row zero-padded to kp = k·k·cin
+        /// rounded up to a multiple of [`LANES`]).
+        weights: Vec<i16>,
+        /// The same, packed for the AVX2 kernel ([`pack_pairs`]).
+        packed: Vec<i16>,
+        kp: usize,
+        bias: Vec<i32>,
         scale: f32,
         out_zp: i32,
         qmin: i32,
@@ -217,8 +222,8 @@ enum Layer {
         same: bool,
         channels: usize,
         /// `w − w_zp`, [k·k][channels].
-        weights: Vec<f32>,
-        bias: Vec<f32>,
+        weights: Vec<i16>,
+        bias: Vec<i32>,
         scale: f32,
         out_zp: i32,
         qmin: i32,
@@ -369,6 +374,11 @@ impl MobileNet {
                     let b = get(ins[2])?;
                     let wq = quant(w)?;
                     ensure!(
+                        (0..=255).contains(&wq.zero_point)
+                            && (0..=255).contains(&current.zero_point),
+                        "zero points must be within 0..=255"
+                    );
+                    ensure!(
                         b.dtype == TYPE_INT32 && w.shape.len() == 4 && w.shape[1] == w.shape[2],
                         "unexpected convolution weights"
                     );
@@ -386,19 +396,19 @@ impl MobileNet {
                     let (qmin, qmax) = activation_range(opts.u8(act_slot, 0)?, out_q)?;
                     let k = w.shape[1];
                     let stride = sw as usize;
-                    let weights: Vec<f32> = w
+                    let weights: Vec<i16> = w
                         .data
                         .iter()
-                        .map(|&v| (v as i32 - wq.zero_point) as f32)
+                        .map(|&v| (v as i32 - wq.zero_point) as i16)
                         .collect();
                     ensure!(
                         weights.len() == w.shape.iter().product::<usize>(),
                         "weights size does not match their shape"
                     );
-                    let bias: Vec<f32> = b
+                    let bias: Vec<i32> = b
                         .data
                         .chunks_exact(4)
-                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
                         .collect();
                     // XNNPACK's requantization scale, in f32 as it computes it.
                     let scale = current.scale * wq.scale / out_q.scale;
@@ -409,13 +419,22 @@ impl MobileNet {
                             w.shape[3] == channels && bias.len() == cout,
                             "convolution shapes do not chain"
                         );
+                        let kk = k * k * channels;
+                        let kp = kk.div_ceil(LANES) * LANES;
+                        let mut padded = vec![0i16; cout * kp];
+                        for (dst, src) in padded.chunks_exact_mut(kp).zip(weights.chunks_exact(kk))
+                        {
+                            dst[..kk].copy_from_slice(src);
+                        }
                         layers.push(Layer::Conv {
                             k,
                             stride,
                             same,
                             cin: channels,
                             cout,
-                            weights,
+                            packed: pack_pairs(&padded, cout, kp),
+                            weights: padded,
+                            kp,
                             bias,
                             scale,
                             out_zp: out_q.zero_point,
@@ -499,10 +518,10 @@ impl MobileNet {
             "expected {s}×{s}×3 pixels, got {} bytes",
             rgb.len()
         );
-        // Activations are kept as (q − zero point) in f32.
-        let mut x: Vec<f32> = rgb
+        // Activations are kept as (q − zero point), in i16.
+        let mut x: Vec<i16> = rgb
             .iter()
-            .map(|&v| (v as i32 - self.input.zero_point) as f32)
+            .map(|&v| (v as i32 - self.input.zero_point) as i16)
             .collect();
         let mut size = s;
         let mut channels = 3;
@@ -516,6 +535,8 @@ impl MobileNet {
                     cin,
                     cout,
                     weights,
+                    packed,
+                    kp,
                     bias,
                     scale,
                     out_zp,
@@ -523,40 +544,20 @@ impl MobileNet {
                     qmax,
                 } => {
                     let (out, pad) = out_size(size, *k, *stride, *same);
-                    let kk = k * k * cin;
-                    let a: &[f32] = if *k == 1 && *stride == 1 {
+                    let a: &[i16] = if *k == 1 && *stride == 1 && cin == kp {
                         &x
                     } else {
-                        im2col(&x, size, *cin, *k, *stride, out, pad, &mut scratch);
+                        im2col(&x, size, *cin, *k, *stride, out, pad, *kp, &mut scratch);
                         &scratch
                     };
                     let m = out * out;
-                    let mut y = vec![0f32; m * cout];
-                    // SAFETY: the slices hold m×kk, cout×kk (read as kk×cout through the
-                    // strides) and m×cout values, as matrixmultiply requires.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            m,
-                            kk,
-                            *cout,
-                            1.0,
-                            a.as_ptr(),
-                            kk as isize,
-                            1,
-                            weights.as_ptr(),
-                            1,
-                            kk as isize,
-                            0.0,
-                            y.as_mut_ptr(),
-                            *cout as isize,
-                            1,
-                        );
-                    }
-                    for row in y.chunks_exact_mut(*cout) {
-                        for (v, b) in row.iter_mut().zip(bias) {
-                            *v = requantize(*v + b, *scale, *out_zp, *qmin, *qmax);
-                        }
-                    }
+                    let mut y = vec![0i16; m * cout];
+                    let rq = Requant {
+                        scale: *scale,
+                        lo: (qmin - out_zp) as f32,
+                        hi: (qmax - out_zp) as f32,
+                    };
+                    gemm(a, m, *kp, weights, packed, *cout, bias, &rq, &mut y);
                     x = y;
                     size = out;
                     channels = *cout;
@@ -574,8 +575,13 @@ impl MobileNet {
                     qmax,
                 } => {
                     let (out, pad) = out_size(size, *k, *stride, *same);
-                    let mut y = vec![0f32; out * out * c];
-                    let mut acc = vec![0f32; *c];
+                    let rq = Requant {
+                        scale: *scale,
+                        lo: (qmin - out_zp) as f32,
+                        hi: (qmax - out_zp) as f32,
+                    };
+                    let mut y = vec![0i16; out * out * c];
+                    let mut acc = vec![0i32; *c];
                     for oy in 0..out {
                         for ox in 0..out {
                             acc.copy_from_slice(bias);
@@ -592,13 +598,13 @@ impl MobileNet {
                                     let src = &x[(iy as usize * size + ix as usize) * c..][..*c];
                                     let w = &weights[(ky * k + kx) * c..][..*c];
                                     for ((a, s), w) in acc.iter_mut().zip(src).zip(w) {
-                                        *a += s * w;
+                                        *a += *s as i32 * *w as i32;
                                     }
                                 }
                             }
                             let dst = &mut y[(oy * out + ox) * c..][..*c];
                             for (d, a) in dst.iter_mut().zip(&acc) {
-                                *d = requantize(*a, *scale, *out_zp, *qmin, *qmax);
+                                *d = rq.apply(*a);
                             }
                         }
                     }
@@ -606,16 +612,19 @@ impl MobileNet {
                     size = out;
                 }
                 Layer::AvgPool { k, scale } => {
-                    let mut sum = vec![0f32; channels];
+                    let mut sum = vec![0i32; channels];
                     for p in 0..k * k {
                         for (s, v) in sum.iter_mut().zip(&x[p * channels..][..channels]) {
-                            *s += v;
+                            *s += *v as i32;
                         }
                     }
-                    x = sum
-                        .iter()
-                        .map(|s| requantize(*s, *scale, self.output.zero_point, 0, 255))
-                        .collect();
+                    let zp = self.output.zero_point;
+                    let rq = Requant {
+                        scale: *scale,
+                        lo: (0 - zp) as f32,
+                        hi: (255 - zp) as f32,
+                    };
+                    x = sum.iter().map(|s| rq.apply(*s)).collect();
                     size = 1;
                 }
             }
@@ -635,33 +644,176 @@ impl MobileNet {
     }
 }
 
-/// XNNPACK's fp32 requantization, returning (q − zero point) as f32.
-#[inline]
-fn requantize(acc: f32, scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> f32 {
-    let y = (acc * scale)
-        .max((qmin - zero_point) as f32)
-        .min((qmax - zero_point) as f32);
-    y.round_ties_even()
+/// XNNPACK's fp32 requantization: `clamp(acc · scale)` rounded half to even, as (q − zp).
+struct Requant {
+    scale: f32,
+    lo: f32,
+    hi: f32,
 }
 
-/// Rows of k×k×c input patches (zero = the input's zero point outside the image).
+impl Requant {
+    #[inline(always)]
+    fn apply(&self, acc: i32) -> i16 {
+        (acc as f32 * self.scale)
+            .max(self.lo)
+            .min(self.hi)
+            .round_ties_even() as i16
+    }
+}
+
+/// Width of the k-blocks of the matrix kernel (k is padded to a multiple of it).
+const LANES: usize = 32;
+
+/// `out[i][j] = requant(bias[j] + Σ_k a[i][k]·w[j][k])` for a [m×kp], w [n×kp] (kp a multiple of
+/// [`LANES`]), out [m×n]: the exact integer product, with AVX2's `vpmaddwd` when the CPU has it
+/// (chosen at run time; `wp` is `w` packed for it), else a plain loop.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    a: &[i16],
+    m: usize,
+    kp: usize,
+    w: &[i16],
+    wp: &[i16],
+    n: usize,
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut [i16],
+) {
+    debug_assert!(kp % LANES == 0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has the feature the function is compiled for; it checks the
+            // slice lengths before reading through pointers.
+            if n % 16 == 0 {
+                return unsafe { gemm_avx2(a, m, kp, wp, n, bias, rq, out) };
+            }
+        }
+    }
+    gemm_generic(a, m, kp, w, n, bias, rq, out)
+}
+
+/// AVX2: blocks of 4 rows × 16 output channels; each `vpmaddwd` multiplies a broadcast pair of
+/// inputs with the same pair of 8 channels' weights (`wp`, packed by [`pack_pairs`]), so the
+/// sums come out as vectors of channels and are requantized 8 at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_avx2(
+    a: &[i16],
+    m: usize,
+    kp: usize,
+    wp: &[i16],
+    n: usize,
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut [i16],
+) {
+    use std::arch::x86_64::*;
+    assert!(a.len() >= m * kp && wp.len() >= n * kp && out.len() >= m * n && bias.len() >= n);
+    assert!(kp % 2 == 0 && n % 16 == 0);
+    let (scale, lo, hi) = (
+        _mm256_set1_ps(rq.scale),
+        _mm256_set1_ps(rq.lo),
+        _mm256_set1_ps(rq.hi),
+    );
+    let store = |acc: __m256i, j: usize, row: &mut [i16]| {
+        let b = _mm256_loadu_si256(bias.as_ptr().add(j) as *const __m256i);
+        let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc, b)), scale);
+        // Rounds half to even (the default MXCSR mode), as XNNPACK does.
+        let q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(f, lo), hi));
+        let mut v = [0i32; 8];
+        _mm256_storeu_si256(v.as_mut_ptr() as *mut __m256i, q);
+        for (d, x) in row[j..j + 8].iter_mut().zip(v) {
+            *d = x as i16;
+        }
+    };
+    let rows4 = m / 4 * 4;
+    for i0 in (0..m).step_by(4) {
+        let nrows = if i0 < rows4 { 4 } else { m - i0 };
+        for j0 in (0..n).step_by(16) {
+            let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+            for kk in 0..kp / 2 {
+                let w = wp.as_ptr().add((kk * n + j0) * 2);
+                let w0 = _mm256_loadu_si256(w as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.add(16) as *const __m256i);
+                for (i, acc_i) in acc.iter_mut().enumerate().take(nrows) {
+                    let pair =
+                        (a.as_ptr().add((i0 + i) * kp + 2 * kk) as *const i32).read_unaligned();
+                    let x = _mm256_set1_epi32(pair);
+                    acc_i[0] = _mm256_add_epi32(acc_i[0], _mm256_madd_epi16(x, w0));
+                    acc_i[1] = _mm256_add_epi32(acc_i[1], _mm256_madd_epi16(x, w1));
+                }
+            }
+            for (i, acc_i) in acc.iter().enumerate().take(nrows) {
+                let row = &mut out[(i0 + i) * n..][..n];
+                store(acc_i[0], j0, row);
+                store(acc_i[1], j0 + 8, row);
+            }
+        }
+    }
+}
+
+/// Weights [n][kp] reordered as [kp/2][n][2] (pairs of consecutive k per channel), the layout
+/// of the AVX2 kernel.
+fn pack_pairs(w: &[i16], n: usize, kp: usize) -> Vec<i16> {
+    let mut out = vec![0i16; n * kp];
+    for j in 0..n {
+        for k in 0..kp {
+            out[((k / 2) * n + j) * 2 + k % 2] = w[j * kp + k];
+        }
+    }
+    out
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_generic(
+    a: &[i16],
+    m: usize,
+    kp: usize,
+    w: &[i16],
+    n: usize,
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut [i16],
+) {
+    for i in 0..m {
+        let row = &a[i * kp..][..kp];
+        let dst = &mut out[i * n..][..n];
+        for (j, d) in dst.iter_mut().enumerate() {
+            let col = &w[j * kp..][..kp];
+            *d = rq.apply(dot(row, col) + bias[j]);
+        }
+    }
+}
+
+/// Σ a·b in i32 (the pattern compilers turn into `pmaddwd`).
+#[inline(always)]
+fn dot(a: &[i16], b: &[i16]) -> i32 {
+    a.iter().zip(b).map(|(x, y)| *x as i32 * *y as i32).sum()
+}
+
+/// Rows of k×k×c input patches, each zero-padded to kp (zero = the input's zero point, which is
+/// also what lies outside the image).
 #[allow(clippy::too_many_arguments)]
 fn im2col(
-    x: &[f32],
+    x: &[i16],
     size: usize,
     c: usize,
     k: usize,
     stride: usize,
     out: usize,
     pad: usize,
-    dst: &mut Vec<f32>,
+    kp: usize,
+    dst: &mut Vec<i16>,
 ) {
     dst.clear();
-    dst.resize(out * out * k * k * c, 0.0);
+    dst.resize(out * out * kp, 0);
     let mut row = 0;
     for oy in 0..out {
         for ox in 0..out {
-            let patch = &mut dst[row * k * k * c..][..k * k * c];
+            let patch = &mut dst[row * kp..][..kp];
             for ky in 0..k {
                 let iy = (oy * stride + ky) as isize - pad as isize;
                 if iy < 0 || iy >= size as isize {
