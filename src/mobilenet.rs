@@ -832,3 +832,76 @@ fn im2col(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn shipped_model_is_the_python_sides() {
+        assert_eq!(
+            crate::fsutil::hex(&Sha256::digest(MODEL_BYTES)),
+            MODEL_SHA256
+        );
+        let net = MobileNet::shipped().unwrap();
+        assert_eq!((net.input_size(), net.dim()), (224, 1024));
+        assert_eq!(net.layers.len(), 28);
+    }
+
+    #[test]
+    fn embedding_is_finite_non_negative_and_depends_on_the_picture() {
+        let net = MobileNet::shipped().unwrap();
+        let grey = net.run(&vec![128u8; 224 * 224 * 3]).unwrap();
+        let noise: Vec<u8> = (0..224 * 224 * 3)
+            .map(|i| ((i * 2654435761usize) >> 13) as u8)
+            .collect();
+        let other = net.run(&noise).unwrap();
+        assert_eq!(grey.len(), 1024);
+        assert!(grey
+            .iter()
+            .chain(&other)
+            .all(|v| v.is_finite() && *v >= 0.0));
+        assert_ne!(grey, other);
+        assert_eq!(other, net.run(&noise).unwrap());
+        assert!(net.run(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn every_matrix_kernel_gives_the_same_integers() {
+        let (m, kp, n) = (13, 64, 48);
+        let a: Vec<i16> = (0..m * kp).map(|i| ((i * 37 % 511) as i16) - 255).collect();
+        let w: Vec<i16> = (0..n * kp).map(|i| ((i * 91 % 401) as i16) - 200).collect();
+        let bias: Vec<i32> = (0..n as i32).map(|j| j * 1000 - 20000).collect();
+        let rq = Requant {
+            scale: 1e-4,
+            lo: 0.0,
+            hi: 255.0,
+        };
+        let mut fast = vec![0i16; m * n];
+        let mut plain = vec![0i16; m * n];
+        gemm(
+            &a,
+            m,
+            kp,
+            &w,
+            &pack_pairs(&w, n, kp),
+            n,
+            &bias,
+            &rq,
+            &mut fast,
+        );
+        gemm_generic(&a, m, kp, &w, n, &bias, &rq, &mut plain);
+        assert_eq!(fast, plain);
+        assert!(plain.iter().any(|&v| v > 0 && v < 255));
+    }
+
+    #[test]
+    fn not_a_tflite_model_is_an_error() {
+        assert!(MobileNet::from_tflite(&[]).is_err());
+        assert!(MobileNet::from_tflite(&[1, 2, 3, 4, 5, 6, 7, 8, 9]).is_err());
+        let mut cut = MODEL_BYTES[..MODEL_BYTES.len() / 2].to_vec();
+        assert!(MobileNet::from_tflite(&cut).is_err());
+        cut.clear();
+    }
+}
