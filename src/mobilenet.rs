@@ -581,33 +581,15 @@ impl MobileNet {
                         hi: (qmax - out_zp) as f32,
                     };
                     let mut y = vec![0i16; out * out * c];
-                    let mut acc = vec![0i32; *c];
-                    for oy in 0..out {
-                        for ox in 0..out {
-                            acc.copy_from_slice(bias);
-                            for ky in 0..*k {
-                                let iy = (oy * stride + ky) as isize - pad as isize;
-                                if iy < 0 || iy >= size as isize {
-                                    continue;
-                                }
-                                for kx in 0..*k {
-                                    let ix = (ox * stride + kx) as isize - pad as isize;
-                                    if ix < 0 || ix >= size as isize {
-                                        continue;
-                                    }
-                                    let src = &x[(iy as usize * size + ix as usize) * c..][..*c];
-                                    let w = &weights[(ky * k + kx) * c..][..*c];
-                                    for ((a, s), w) in acc.iter_mut().zip(src).zip(w) {
-                                        *a += *s as i32 * *w as i32;
-                                    }
-                                }
-                            }
-                            let dst = &mut y[(oy * out + ox) * c..][..*c];
-                            for (d, a) in dst.iter_mut().zip(&acc) {
-                                *d = rq.apply(*a);
-                            }
-                        }
-                    }
+                    let shape = DwShape {
+                        size,
+                        c: *c,
+                        k: *k,
+                        stride: *stride,
+                        out,
+                        pad,
+                    };
+                    depthwise(&x, weights, bias, &shape, &rq, &mut y);
                     x = y;
                     size = out;
                 }
@@ -654,10 +636,87 @@ struct Requant {
 impl Requant {
     #[inline(always)]
     fn apply(&self, acc: i32) -> i16 {
-        (acc as f32 * self.scale)
-            .max(self.lo)
-            .min(self.hi)
-            .round_ties_even() as i16
+        // Round half to even by the 1.5·2^23 trick (exact for |v| < 2^22; v is within ±255
+        // after the clamp): the same as `round_ties_even`, without a libm call.
+        const MAGIC: f32 = 12_582_912.0;
+        let v = (acc as f32 * self.scale).max(self.lo).min(self.hi);
+        ((v + MAGIC) - MAGIC) as i16
+    }
+}
+
+/// Geometry of a depthwise layer.
+#[derive(Clone, Copy)]
+struct DwShape {
+    size: usize,
+    c: usize,
+    k: usize,
+    stride: usize,
+    out: usize,
+    pad: usize,
+}
+
+/// A depthwise convolution over channels-last i16 activations (AVX2 build of the same loop
+/// where the CPU has it).
+fn depthwise(x: &[i16], w: &[i16], bias: &[i32], g: &DwShape, rq: &Requant, y: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has the feature the function is compiled for.
+            return unsafe { depthwise_avx2(x, w, bias, g, rq, y) };
+        }
+    }
+    depthwise_generic(x, w, bias, g, rq, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn depthwise_avx2(
+    x: &[i16],
+    w: &[i16],
+    bias: &[i32],
+    g: &DwShape,
+    rq: &Requant,
+    y: &mut [i16],
+) {
+    depthwise_generic(x, w, bias, g, rq, y)
+}
+
+#[inline(always)]
+fn depthwise_generic(x: &[i16], w: &[i16], bias: &[i32], g: &DwShape, rq: &Requant, y: &mut [i16]) {
+    let DwShape {
+        size,
+        c,
+        k,
+        stride,
+        out,
+        pad,
+    } = *g;
+    let mut acc = vec![0i32; c];
+    for oy in 0..out {
+        for ox in 0..out {
+            acc.copy_from_slice(bias);
+            for ky in 0..k {
+                let iy = (oy * stride + ky) as isize - pad as isize;
+                if iy < 0 || iy >= size as isize {
+                    continue;
+                }
+                for kx in 0..k {
+                    let ix = (ox * stride + kx) as isize - pad as isize;
+                    if ix < 0 || ix >= size as isize {
+                        continue;
+                    }
+                    let src = &x[(iy as usize * size + ix as usize) * c..][..c];
+                    let wk = &w[(ky * k + kx) * c..][..c];
+                    for ((a, s), w) in acc.iter_mut().zip(src).zip(wk) {
+                        *a += *s as i32 * *w as i32;
+                    }
+                }
+            }
+            let dst = &mut y[(oy * out + ox) * c..][..c];
+            for (d, a) in dst.iter_mut().zip(&acc) {
+                *d = rq.apply(*a);
+            }
+        }
     }
 }
 
