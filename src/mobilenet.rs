@@ -738,13 +738,13 @@ fn gemm(
     rq: &Requant,
     out: &mut [i16],
 ) {
-    debug_assert!(kp % LANES == 0);
+    debug_assert!(kp.is_multiple_of(LANES));
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has the feature the function is compiled for; it checks the
             // slice lengths before reading through pointers.
-            if n % 16 == 0 {
+            if n.is_multiple_of(16) {
                 return unsafe { gemm_avx2(a, m, kp, wp, n, bias, rq, out) };
             }
         }
@@ -770,7 +770,7 @@ unsafe fn gemm_avx2(
 ) {
     use std::arch::x86_64::*;
     assert!(a.len() >= m * kp && wp.len() >= n * kp && out.len() >= m * n && bias.len() >= n);
-    assert!(kp % 2 == 0 && n % 16 == 0);
+    assert!(kp.is_multiple_of(2) && n.is_multiple_of(16));
     let (scale, lo, hi) = (
         _mm256_set1_ps(rq.scale),
         _mm256_set1_ps(rq.lo),
