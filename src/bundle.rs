@@ -453,6 +453,56 @@ pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
     Ok(manifest.expect("replace_dir ran the build"))
 }
 
+/// Changes some files of an existing bundle, as [`create`] does: the new bundle is assembled
+/// beside the old one (the changed files written and fsynced, every other file of the old folder
+/// hard-linked or copied over, then `extra` runs on the new folder, the manifest last) and
+/// switched in place of the old one in one step, so a kill at any point leaves the old bundle,
+/// usable, or the new one, complete. `changed` names manifest files and their new bytes; the
+/// manifest's entries for them are updated, the model reference is kept as it is.
+pub fn update(
+    dir: &Path,
+    changed: &[(String, Vec<u8>)],
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<Manifest> {
+    let old = Bundle::open(dir)?;
+    for (name, _) in changed {
+        old.manifest.entry(name)?;
+    }
+    let dir = match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => dir
+            .canonicalize()
+            .with_context(|| format!("cannot follow {}", dir.display()))?,
+        _ => dir.to_path_buf(),
+    };
+    let mut manifest = old.manifest.clone();
+    for entry in manifest.files.iter_mut() {
+        if let Some((_, bytes)) = changed.iter().find(|(n, _)| *n == entry.path) {
+            entry.size = bytes.len() as u64;
+            entry.sha256 = hex(&Sha256::digest(bytes));
+        }
+    }
+    replace_dir(&dir, |tmp| {
+        for (name, bytes) in changed {
+            write_synced(&tmp.join(name), bytes)?;
+        }
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == MANIFEST || name.contains(".tmp-") || changed.iter().any(|(n, _)| *n == name)
+            {
+                continue;
+            }
+            carry(&e.path(), &tmp.join(&name))?;
+        }
+        extra(tmp)?;
+        write_synced(
+            &tmp.join(MANIFEST),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
+        Ok(())
+    })?;
+    Ok(manifest)
+}
+
 /// Copies a file and fsyncs the copy.
 fn copy_synced(from: &Path, to: &Path) -> Result<()> {
     let mut src = crate::fsutil::open_regular(from)?;

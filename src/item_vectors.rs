@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bincode::{Decode, Encode};
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 const MAGIC: [u8; 8] = *b"ILLMIVEC";
@@ -120,7 +120,7 @@ impl ItemVectors {
                 }
             }
         }
-        let bytes = build(&key, heads, banks, catalog)?;
+        let bytes = build(&key, heads, banks, catalog, None)?;
         let written = std::fs::create_dir_all(cache_dir)
             .map_err(anyhow::Error::from)
             .and_then(|_| match std::fs::metadata(&path) {
@@ -244,13 +244,47 @@ impl ItemVectors {
     }
 }
 
-/// Computes the cache file's bytes.
+/// Writes the cache file of a changed catalog into `cache_dir` (atomically) and returns its
+/// path. The vectors of `old` (the same heads over the catalog before the change) are reused for
+/// every item whose features did not change (ids not in `changed`); only the others are
+/// projected. The file is byte for byte the one [`ItemVectors::open_or_build`] would compute.
+pub fn write_extended(
+    cache_dir: &Path,
+    old: &ItemVectors,
+    changed: &HashSet<u64>,
+    heads: &Heads,
+    banks: &BTreeMap<Modality, Bank>,
+    bank_digests: &BTreeMap<Modality, [u8; 32]>,
+    catalog: &Catalog,
+) -> Result<PathBuf> {
+    let key = cache_key(heads, bank_digests, catalog);
+    let bytes = build(&key, heads, banks, catalog, Some((old, changed)))?;
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    let path = cache_dir.join(format!("item-vectors-{}.bin", &hex(&key)[..16]));
+    write_atomic(&path, |out| Ok(out.write_all(&bytes)?))?;
+    Ok(path)
+}
+
+/// Computes the cache file's bytes, reusing the rows of an older cache where allowed.
 fn build(
     key: &[u8; 32],
     heads: &Heads,
     banks: &BTreeMap<Modality, Bank>,
     catalog: &Catalog,
+    reuse: Option<(&ItemVectors, &HashSet<u64>)>,
 ) -> Result<Vec<u8>> {
+    // Position in the old cache of each item whose vectors can be copied.
+    let reusable: HashMap<u64, usize> = match reuse {
+        Some((old, changed)) if old.modalities == heads.modalities() => old
+            .ids()
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| !changed.contains(id))
+            .map(|(j, id)| (*id, j))
+            .collect(),
+        _ => HashMap::new(),
+    };
     let modalities = heads.modalities();
     let count = catalog.len();
     let proj_dim = heads.config.proj_dim;
@@ -284,7 +318,15 @@ fn build(
         bank.verify()?;
         let mut rows = Vec::new();
         let mut present = Vec::new();
+        let mut copied = Vec::new();
         for (i, item) in catalog.items().iter().enumerate() {
+            if let (Some(&j), Some((old, _))) = (reusable.get(&item.id), reuse) {
+                if old.has(j, slot) {
+                    copied.push((i, old.vector(j, slot)));
+                    mask[i * modalities.len() + slot] = 1;
+                }
+                continue;
+            }
             if let Some(row) = bank.get(item.id) {
                 rows.extend(row.to_f32());
                 present.push(i);
@@ -302,6 +344,9 @@ fn build(
         for (k, &i) in present.iter().enumerate() {
             matrix[i * proj_dim..(i + 1) * proj_dim]
                 .copy_from_slice(&projected[k * proj_dim..(k + 1) * proj_dim]);
+        }
+        for (i, v) in copied {
+            matrix[i * proj_dim..(i + 1) * proj_dim].copy_from_slice(v);
         }
         matrices.push(matrix);
     }

@@ -20,14 +20,34 @@ pub enum BankCommand {
 #[derive(Args)]
 pub struct BuildArgs {
     /// N×D feature matrix (.npy, float32 or float16, C order).
-    #[arg(long, value_name = "FILE")]
-    npy: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "images",
+        conflicts_with = "images"
+    )]
+    npy: Option<PathBuf>,
     /// Item ids: a .npy integer vector or a text file with one id per line, in row order.
-    #[arg(long, value_name = "FILE")]
-    ids: PathBuf,
-    /// Which modality the features are: img, cf or text.
-    #[arg(long)]
-    modality: String,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "images",
+        conflicts_with = "images"
+    )]
+    ids: Option<PathBuf>,
+    /// Image folder(s) or files instead of --npy/--ids: encoded by the runtime's MobileNet into
+    /// an img bank, ids from the file names (`123.jpg`) or from --map.
+    #[arg(long, value_name = "DIR|FILE", num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// With --images: one `ID,FILE` per line, FILE relative to the image folder.
+    #[arg(long, value_name = "FILE", requires = "images")]
+    map: Option<PathBuf>,
+    /// With --images: images encoded at the same time [default: all cores].
+    #[arg(long, requires = "images")]
+    threads: Option<usize>,
+    /// Which modality the features are: img, cf or text (--images: img).
+    #[arg(long, required_unless_present = "images")]
+    modality: Option<String>,
     /// Storage precision of the rows: f32 or f16 [default: that of the .npy].
     #[arg(long)]
     dtype: Option<String>,
@@ -44,22 +64,26 @@ pub fn run(cmd: BankCommand) -> Result<()> {
 }
 
 fn build(a: BuildArgs) -> Result<()> {
-    let modality = Modality::parse(&a.modality)?;
-    let matrix = NpyArray::read(&a.npy)?;
+    if !a.images.is_empty() {
+        return build_from_images(a);
+    }
+    let (npy, ids_path) = (a.npy.clone().unwrap(), a.ids.clone().unwrap());
+    let modality = Modality::parse(a.modality.as_deref().unwrap_or_default())?;
+    let matrix = NpyArray::read(&npy)?;
     ensure!(
         matrix.shape.len() == 2,
         "{}: expected an N×D matrix, found shape {:?}",
-        a.npy.display(),
+        npy.display(),
         matrix.shape
     );
     let (n, dim) = (matrix.shape[0], matrix.shape[1]);
-    let ids = read_ids(&a.ids)?;
+    let ids = read_ids(&ids_path)?;
     ensure!(
         ids.len() == n,
         "{} has {} ids but {} has {n} rows",
-        a.ids.display(),
+        ids_path.display(),
         ids.len(),
-        a.npy.display()
+        npy.display()
     );
     let dtype = match (&a.dtype, &matrix.data) {
         (Some(d), _) => DType::parse(d)?,
@@ -69,25 +93,52 @@ fn build(a: BuildArgs) -> Result<()> {
     let values: Vec<f32> = match &matrix.data {
         NpyData::F32(v) => v.clone(),
         NpyData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        NpyData::I64(_) => bail!("{}: features must be float32 or float16", a.npy.display()),
+        NpyData::I64(_) => bail!("{}: features must be float32 or float16", npy.display()),
     };
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         bail!(
             "{}: row {} has a NaN or infinite value",
-            a.npy.display(),
+            npy.display(),
             i / dim
         );
     }
+    write(&a.out, modality, dim, &ids, &values, dtype)
+}
+
+fn build_from_images(a: BuildArgs) -> Result<()> {
+    if let Some(m) = &a.modality {
+        ensure!(
+            Modality::parse(m)? == Modality::Img,
+            "--images builds an img bank, not {m}"
+        );
+    }
+    let e = super::images_cmd::encode(&a.images, a.map.as_deref(), a.threads)?;
+    let dtype = match &a.dtype {
+        Some(d) => DType::parse(d)?,
+        None => DType::F32,
+    };
+    write(&a.out, Modality::Img, e.dim, &e.ids, &e.rows, dtype)
+}
+
+fn write(
+    out: &Path,
+    modality: Modality,
+    dim: usize,
+    ids: &[u64],
+    values: &[f32],
+    dtype: DType,
+) -> Result<()> {
+    let n = ids.len();
     let header = match dtype {
-        DType::F32 => write_bank(&a.out, modality, dim, &ids, BankRows::F32(&values))?,
+        DType::F32 => write_bank(out, modality, dim, ids, BankRows::F32(values))?,
         DType::F16 => {
             let halves: Vec<half::f16> = values.iter().map(|v| half::f16::from_f32(*v)).collect();
-            write_bank(&a.out, modality, dim, &ids, BankRows::F16(&halves))?
+            write_bank(out, modality, dim, ids, BankRows::F16(&halves))?
         }
     };
     println!(
         "wrote {} ({modality}, {n} items × {dim}, {})",
-        a.out.display(),
+        out.display(),
         dtype.name()
     );
     println!("checksum {}", illmrec::fsutil::hex(&header.checksum));

@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Untimed requests before measuring (graph allocation, page cache).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Images timed for the image-encoding rows (decode + resize + MobileNet), taken from the
+    /// dataset's items (`image` paths); 0 skips them.
+    #[arg(long, default_value_t = 50)]
+    images: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -126,6 +130,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             users_per_second: 1e3 / mean,
         });
     }
+    let encoding = image_timings(&a.dataset, a.images)?;
+    let items_per_user = items[0] as f64 / times[0].len().max(1) as f64;
+    let per_item_image_ms = rows.first().map(|r| r.mean_ms / items_per_user);
     let report = serde_json::json!({
         "bundle": a.bundle.display().to_string(),
         "model": rec.model().path.display().to_string(),
@@ -136,6 +143,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "rss_after_open_mib": rss_after_open / 1024.0,
         "peak_rss_mib": memory_kib("VmHWM") / 1024.0,
         "rows": rows,
+        "image_encoding": encoding,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -166,7 +174,86 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.mean_ms / base
         );
     }
+    if !encoding.is_empty() {
+        println!("\n| image encoding (decode + resize + MobileNet) | images | threads | ms / image | images/s |");
+        println!("|---|---|---|---|---|");
+        for e in &encoding {
+            println!(
+                "| {} | {} | {} | {:.1} | {:.1} |",
+                e.what,
+                e.images,
+                e.threads,
+                e.ms_per_image,
+                1e3 / e.ms_per_image
+            );
+        }
+        if let (Some(first), Some(per_item)) = (encoding.first(), per_item_image_ms) {
+            println!(
+                "\nadding an item costs {:.1} ms of image encoding once (1 thread); a request costs {per_item:.0} ms per history item (first configuration, {items_per_user:.1} items per history)",
+                first.ms_per_image
+            );
+        }
+    }
     Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct EncodeRow {
+    what: String,
+    images: usize,
+    threads: usize,
+    ms_per_image: f64,
+}
+
+/// Times the runtime's image encoder on up to `n` of the dataset's item images, on 1 and 2
+/// threads (one image per thread at a time); empty when the dataset has no readable image.
+fn image_timings(dataset: &std::path::Path, n: usize) -> Result<Vec<EncodeRow>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let text = illmrec::fsutil::read_regular_string(&dataset.join("items.jsonl"))?;
+    // Image paths are relative to the repository root (the dataset's grandparent), as the
+    // Python tools write them, or to the current folder.
+    let root = dataset.parent().and_then(|p| p.parent());
+    let mut paths = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(rel) = v.get("image").and_then(|i| i.as_str()) else {
+            continue;
+        };
+        let candidates = [root.map(|r| r.join(rel)), Some(PathBuf::from(rel))];
+        if let Some(p) = candidates.into_iter().flatten().find(|p| p.is_file()) {
+            paths.push(p);
+        }
+        if paths.len() == n {
+            break;
+        }
+    }
+    if paths.is_empty() {
+        eprintln!(
+            "note: no item image of {} found: image encoding not timed",
+            dataset.display()
+        );
+        return Ok(Vec::new());
+    }
+    let encoder = illmrec::image_encoder::ImageEncoder::new()?;
+    encoder.encode_file(&paths[0])?; // warm-up
+    let mut rows = Vec::new();
+    for threads in [1, 2] {
+        let t = Instant::now();
+        for r in encoder.encode_files(&paths, threads, &|| {}) {
+            r?;
+        }
+        rows.push(EncodeRow {
+            what: "image encoding".into(),
+            images: paths.len(),
+            threads,
+            ms_per_image: t.elapsed().as_secs_f64() * 1e3 / paths.len() as f64,
+        });
+    }
+    Ok(rows)
 }
 
 /// A field of /proc/self/status in KiB (0 where unavailable).

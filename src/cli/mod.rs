@@ -5,6 +5,8 @@ mod bench;
 mod bundle_cmd;
 mod embed;
 mod eval_cmd;
+mod images_cmd;
+mod items_cmd;
 mod prompt_cmd;
 mod recommend;
 mod score;
@@ -43,6 +45,11 @@ enum Command {
     /// Build or inspect feature banks.
     #[command(subcommand)]
     Bank(bank_cmd::BankCommand),
+    /// Encode image files into a feature matrix with the runtime's MobileNet.
+    EncodeImages(images_cmd::EncodeImagesArgs),
+    /// Add, replace or remove one item of a bundle (atomically).
+    #[command(subcommand)]
+    Items(items_cmd::ItemsCommand),
     /// Create or verify bundles.
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCommand),
@@ -67,6 +74,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd::run(a),
         Command::Bank(c) => bank_cmd::run(c),
         Command::Bundle(c) => bundle_cmd::run(c),
+        Command::EncodeImages(a) => images_cmd::run(a),
+        Command::Items(c) => items_cmd::run(c),
         Command::InitHeads(a) => init_heads(a),
         Command::Bench(a) => bench::run(a),
         Command::Quantize(a) => quantize(a),

@@ -18,7 +18,7 @@ from PIL import Image
 from .atomic import save_npy
 from .prepare import REPO_ROOT, DataError
 
-DEFAULT_MODEL = REPO_ROOT.parent / "shared/models/mobilenet/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+DEFAULT_MODEL = REPO_ROOT / "models/mobilenet/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
 MODEL_SHA256 = "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319"
 IMAGE_SIZE = 224
 
