@@ -22,10 +22,15 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=DEP_LLAMA_BACKENDS_DIR");
     let backends = PathBuf::from(
-        std::env::var("DEP_LLAMA_BACKENDS_DIR").expect("llama-cpp-sys-2 did not report its backends folder"),
+        std::env::var("DEP_LLAMA_BACKENDS_DIR")
+            .expect("llama-cpp-sys-2 did not report its backends folder"),
     );
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    let profile_dir = out.ancestors().nth(3).expect("OUT_DIR layout").to_path_buf();
+    let profile_dir = out
+        .ancestors()
+        .nth(3)
+        .expect("OUT_DIR layout")
+        .to_path_buf();
     for e in std::fs::read_dir(&backends).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
@@ -39,7 +44,10 @@ fn main() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         if name.ends_with(".so.0") {
-            copy_if_changed(&std::fs::canonicalize(&p).unwrap(), &profile_dir.join(&name));
+            copy_if_changed(
+                &std::fs::canonicalize(&p).unwrap(),
+                &profile_dir.join(&name),
+            );
         }
     }
     println!("cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN");

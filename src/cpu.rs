@@ -135,8 +135,13 @@ mod imp {
         // SAFETY: arch_prctl with an integer argument; a refusal is an error return.
         let amx_permission = amx_cpuid
             && amx_xcr0
-            && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) }
-                == 0;
+            && unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            } == 0;
         let amx_runs = amx_permission && tile_probe();
         Features {
             avx2: avx_os && l7.ebx & (1 << 5) != 0,
@@ -169,8 +174,8 @@ mod imp {
         cfg.0[0] = 1;
         cfg.0[16] = 64; // colsb[0] (u16 little endian)
         cfg.0[48] = 16; // rows[0]
-        // SAFETY: the child only runs the three instructions and _exit (async-signal-safe), so
-        // forking a multi-threaded process is fine; the parent waits for it.
+                        // SAFETY: the child only runs the three instructions and _exit (async-signal-safe), so
+                        // forking a multi-threaded process is fine; the parent waits for it.
         unsafe {
             let pid = libc::fork();
             if pid < 0 {
@@ -212,8 +217,11 @@ mod tests {
 
     #[test]
     fn highest_runnable_score_wins() {
-        let c = choose_variant(&v(&[("x64", 1), ("haswell", 55), ("icelake", 1900), ("zen4", 0)]), false)
-            .unwrap();
+        let c = choose_variant(
+            &v(&[("x64", 1), ("haswell", 55), ("icelake", 1900), ("zen4", 0)]),
+            false,
+        )
+        .unwrap();
         assert_eq!(c.name, "icelake");
         assert!(c.reason.contains("3 variants"), "{}", c.reason);
     }
@@ -229,7 +237,10 @@ mod tests {
 
     #[test]
     fn nothing_runnable_is_none() {
-        assert_eq!(choose_variant(&v(&[("zen4", 0), ("sapphirerapids", 0)]), true), None);
+        assert_eq!(
+            choose_variant(&v(&[("zen4", 0), ("sapphirerapids", 0)]), true),
+            None
+        );
         assert_eq!(choose_variant(&[], true), None);
         // only an AMX build scores, and AMX is not proven: nothing to load
         assert_eq!(choose_variant(&v(&[("sapphirerapids", 9)]), false), None);

@@ -141,7 +141,8 @@ mod variants {
         if let Some(d) = std::env::var_os("ILLMREC_CPU_VARIANTS_DIR") {
             return Ok(PathBuf::from(d));
         }
-        let exe = std::env::current_exe().map_err(|e| format!("cannot locate the executable: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot locate the executable: {e}"))?;
         let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
         // `cargo test` runs binaries from target/<profile>/deps; the libraries sit one level up.
         if dir.file_name().is_some_and(|n| n == "deps") && !has_variants(&dir) {
@@ -160,8 +161,13 @@ mod variants {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir)? {
             let p = e?.path();
-            let Some(name) = p.file_name().and_then(|n| n.to_str()) else { continue };
-            if let Some(v) = name.strip_prefix("libggml-cpu-").and_then(|n| n.strip_suffix(".so")) {
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if let Some(v) = name
+                .strip_prefix("libggml-cpu-")
+                .and_then(|n| n.strip_suffix(".so"))
+            {
                 out.push((v.to_string(), p.clone()));
             }
         }
@@ -171,7 +177,9 @@ mod variants {
 
     /// ggml's own score of one variant for this CPU, read without loading it as a backend.
     fn score(path: &Path) -> i32 {
-        let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return 0 };
+        let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return 0;
+        };
         // SAFETY: dlopen/dlsym/dlclose on a file we list; the symbol has ggml's documented
         // signature `int ggml_backend_score(void)` and only reads CPUID.
         unsafe {
@@ -202,9 +210,17 @@ mod variants {
         }
         let scored: Vec<(String, i32)> = found.iter().map(|(n, p)| (n.clone(), score(p))).collect();
         let features = Features::detect();
-        let choice = choose_variant(&scored, features.amx_usable())
-            .ok_or_else(|| format!("none of the CPU variants in {} runs on this CPU", dir.display()))?;
-        let path = found.iter().find(|(n, _)| *n == choice.name).map(|(_, p)| p.clone()).unwrap();
+        let choice = choose_variant(&scored, features.amx_usable()).ok_or_else(|| {
+            format!(
+                "none of the CPU variants in {} runs on this CPU",
+                dir.display()
+            )
+        })?;
+        let path = found
+            .iter()
+            .find(|(n, _)| *n == choice.name)
+            .map(|(_, p)| p.clone())
+            .unwrap();
         let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
         // SAFETY: registers the backend library with ggml; returns null on failure.
         let reg = unsafe { sys::ggml_backend_load(c.as_ptr()) };

@@ -236,8 +236,13 @@ fn sessions_equal_cold_requests_on_the_f32_model() {
         let reference = cold.encode_user(history).unwrap();
         let rel = rel_diff(&all_scores(&rec, &user), &all_scores(&rec, &reference));
         let cos = cosine(&user.hidden, &reference.hidden);
-        eprintln!("F32 tap {n}: decoded {decoded}, hidden cosine {cos:.7}, rel score diff {rel:.2e}");
-        assert!(rel <= 5e-3, "tap {n}: scores differ from a cold request by {rel}");
+        eprintln!(
+            "F32 tap {n}: decoded {decoded}, hidden cosine {cos:.7}, rel score diff {rel:.2e}"
+        );
+        assert!(
+            rel <= 5e-3,
+            "tap {n}: scores differ from a cold request by {rel}"
+        );
         assert!(cos >= 0.9999, "tap {n}: hidden cosine {cos}");
     }
 }
