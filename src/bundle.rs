@@ -191,6 +191,30 @@ impl Bundle {
         self.dir.join(name)
     }
 
+    /// Opens every bank the manifest lists, each checked against its modality, its manifest
+    /// sha256 and for finite values; returns the banks and their digests by modality.
+    pub fn open_banks(&self) -> Result<(BTreeMap<Modality, Bank>, BTreeMap<Modality, [u8; 32]>)> {
+        let mut banks = BTreeMap::new();
+        let mut digests = BTreeMap::new();
+        for (name, file) in &self.manifest.banks {
+            let modality = Modality::parse(name)?;
+            let path = self.file(file);
+            let bank = Bank::open(&path)?;
+            ensure!(
+                bank.modality == modality,
+                "bank {} holds {} features but the manifest lists it as {modality}",
+                path.display(),
+                bank.modality
+            );
+            let digest = bank.file_sha256();
+            self.check_digest(file, &digest)?;
+            bank.check_contents()?;
+            banks.insert(modality, bank);
+            digests.insert(modality, digest);
+        }
+        Ok((banks, digests))
+    }
+
     pub fn bank_paths(&self) -> Result<BTreeMap<Modality, PathBuf>> {
         self.manifest
             .banks

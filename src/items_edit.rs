@@ -73,22 +73,7 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
     )?;
     let items_bytes = bundle.read_verified(&m.items)?;
     let catalog = Catalog::parse(&items_bytes, &bundle.file(&m.items))?;
-    let mut banks = BTreeMap::new();
-    let mut digests = BTreeMap::new();
-    for (name, file) in &m.banks {
-        let modality = Modality::parse(name)?;
-        let bank = Bank::open(&bundle.file(file))?;
-        ensure!(
-            bank.modality == modality,
-            "bank {file} holds {} features but the manifest lists it as {modality}",
-            bank.modality
-        );
-        let digest = bank.file_sha256();
-        bundle.check_digest(file, &digest)?;
-        bank.check_contents()?;
-        banks.insert(modality, bank);
-        digests.insert(modality, digest);
-    }
+    let (banks, digests) = bundle.open_banks()?;
 
     let (id, new) = match edit {
         Edit::Add(n) => {

@@ -382,24 +382,7 @@ impl Recommender {
             &bundle.file(&m.heads_config),
         )?;
         let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
-        let mut banks = BTreeMap::new();
-        let mut digests = BTreeMap::new();
-        for (name, file) in &m.banks {
-            let modality = Modality::parse(name)?;
-            let path = bundle.file(file);
-            let bank = Bank::open(&path)?;
-            ensure!(
-                bank.modality == modality,
-                "bank {} holds {} features but the manifest lists it as {modality}",
-                path.display(),
-                bank.modality
-            );
-            let digest = bank.file_sha256();
-            bundle.check_digest(file, &digest)?;
-            bank.check_contents()?;
-            banks.insert(modality, bank);
-            digests.insert(modality, digest);
-        }
+        let (banks, digests) = bundle.open_banks()?;
         check_dims(&heads, info.n_embd, &banks)?;
         let cache_dir = opts
             .cache_dir

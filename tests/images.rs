@@ -9,7 +9,6 @@ use common::{assert_clean_error, illmrec, illmrec_ok, s, shared_data};
 use illmrec::bank::Bank;
 use illmrec::bundle::Bundle;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn demo_bundle() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo-bundle")
@@ -381,17 +380,12 @@ fn items_add_killed_leaves_the_old_bundle_or_the_new_one() {
     .iter()
     .map(|x| x.to_string())
     .collect();
-    let t = std::time::Instant::now();
-    let _ = Command::new(common::BIN).args(&args).output().unwrap();
-    let span = t.elapsed();
+    let span = common::run_timed(&args);
     illmrec_ok(&["items", "remove", "--bundle", &s(&bundle), "--id", "103141"]);
     let (mut old, mut new) = (0, 0);
     for k in 0..8u64 {
         let delay = span.mul_f64(((k * 7919 + 13) % 97) as f64 / 97.0);
-        let mut child = Command::new(common::BIN).args(&args).spawn().unwrap();
-        std::thread::sleep(delay);
-        let _ = child.kill();
-        let _ = child.wait();
+        common::kill_after(&args, delay);
         let b = Bundle::open(&bundle).expect("a bundle after the kill");
         for f in &b.manifest.files {
             assert_eq!(

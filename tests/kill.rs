@@ -8,9 +8,8 @@ mod common;
 use common::s;
 use illmrec::bundle::Bundle;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Kills per command (seeded delays, so every run of the suite kills at the same points).
 const KILLS: u64 = 5;
@@ -19,31 +18,6 @@ const KILLS: u64 = 5;
 fn setup() -> &'static (PathBuf, PathBuf, Vec<u64>) {
     static S: OnceLock<(PathBuf, PathBuf, Vec<u64>)> = OnceLock::new();
     S.get_or_init(|| common::fresh_bundle("kill-test"))
-}
-
-/// Runs the CLI to the end and returns how long it took.
-fn timed(args: &[String]) -> Duration {
-    let t = Instant::now();
-    let out = Command::new(common::BIN).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "illmrec {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
-
-/// Starts the CLI and kills it with SIGKILL after `delay` (if it is still running).
-fn killed_after(args: &[String], delay: Duration) {
-    let mut child = Command::new(common::BIN)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(delay);
-    let _ = child.kill(); // SIGKILL on Unix
-    let _ = child.wait();
 }
 
 /// Seeded delays spread over `0..span`, one per kill.
@@ -90,12 +64,12 @@ fn bank_build_killed_leaves_the_old_bank_or_the_new_one() {
         .to_vec()
     };
     let out = dir.join("feat.bank");
-    timed(&build("new.npy", &dir.join("reference.bank")));
+    common::run_timed(&build("new.npy", &dir.join("reference.bank")));
     let new = std::fs::read(dir.join("reference.bank")).unwrap();
-    let span = timed(&build("old.npy", &out)).mul_f64(1.3);
+    let span = common::run_timed(&build("old.npy", &out)).mul_f64(1.3);
     let old = std::fs::read(&out).unwrap();
     for delay in delays(11, span) {
-        killed_after(&build("new.npy", &out), delay);
+        common::kill_after(&build("new.npy", &out), delay);
         let now = std::fs::read(&out).unwrap();
         assert!(
             now == old || now == new,
@@ -106,7 +80,7 @@ fn bank_build_killed_leaves_the_old_bank_or_the_new_one() {
             std::fs::write(&out, &old).unwrap();
         }
     }
-    timed(&build("new.npy", &out));
+    common::run_timed(&build("new.npy", &out));
     assert_eq!(std::fs::read(&out).unwrap(), new);
     assert_eq!(temporaries(&dir), Vec::<String>::new(), "left by the kills");
 }
@@ -126,11 +100,11 @@ fn bundle_create_killed_leaves_a_usable_bundle() {
     illmrec::heads::write_safetensors(&new_heads, &tensors, illmrec::heads::WeightDtype::F16)
         .unwrap();
     let old_heads = src.join("heads-src.safetensors");
-    let span = timed(&create(&old_heads)).mul_f64(1.3);
+    let span = common::run_timed(&create(&old_heads)).mul_f64(1.3);
     std::fs::write(out.join("NOTES.txt"), "not the bundle's").unwrap();
     let old = std::fs::read(out.join("manifest.json")).unwrap();
     for delay in delays(12, span) {
-        killed_after(&create(&new_heads), delay);
+        common::kill_after(&create(&new_heads), delay);
         let b = Bundle::open(&out).unwrap_or_else(|e| panic!("after {delay:?}: {e:#}"));
         for f in &b.manifest.files {
             b.read_verified(&f.path)
@@ -142,10 +116,10 @@ fn bundle_create_killed_leaves_a_usable_bundle() {
         );
         if std::fs::read(out.join("manifest.json")).unwrap() != old {
             // The new bundle is complete: put the old one back for the next kill.
-            timed(&create(&old_heads));
+            common::run_timed(&create(&old_heads));
         }
     }
-    timed(&create(&new_heads));
+    common::run_timed(&create(&new_heads));
     assert_eq!(temporaries(&dir), Vec::<String>::new(), "left by the kills");
     assert_eq!(
         std::fs::read_to_string(out.join("NOTES.txt")).unwrap(),
@@ -182,11 +156,11 @@ fn score_killed_leaves_the_old_output() {
     ]
     .map(String::from)
     .to_vec();
-    let span = timed(&args).mul_f64(1.2);
+    let span = common::run_timed(&args).mul_f64(1.2);
     let complete = std::fs::read(&output).unwrap();
     std::fs::write(&output, "previous results\n").unwrap();
     for delay in delays(13, span) {
-        killed_after(&args, delay);
+        common::kill_after(&args, delay);
         let now = std::fs::read(&output).unwrap();
         assert!(
             now == b"previous results\n" || now == complete,
@@ -194,7 +168,7 @@ fn score_killed_leaves_the_old_output() {
         );
         std::fs::write(&output, "previous results\n").unwrap();
     }
-    timed(&args);
+    common::run_timed(&args);
     assert_eq!(std::fs::read(&output).unwrap(), complete);
     assert_eq!(temporaries(&dir), Vec::<String>::new(), "left by the kills");
 }
@@ -250,12 +224,12 @@ fn eval_killed_resumes_without_losing_a_user() {
         v.sort();
         v
     };
-    let span = timed(&eval("whole", false)).mul_f64(1.2);
+    let span = common::run_timed(&eval("whole", false)).mul_f64(1.2);
     let whole = ranks("whole");
     assert_eq!(whole.len(), 10);
     let mut done_before = 0;
     for (k, delay) in delays(14, span).into_iter().enumerate() {
-        killed_after(&eval("killed", k > 0), delay);
+        common::kill_after(&eval("killed", k > 0), delay);
         let path = dir.join("killed/ranks.jsonl");
         if !path.exists() {
             continue;
@@ -269,7 +243,7 @@ fn eval_killed_resumes_without_losing_a_user() {
         assert!(finished.len() >= done_before, "a finished user was lost");
         done_before = finished.len();
     }
-    timed(&eval("killed", true));
+    common::run_timed(&eval("killed", true));
     assert_eq!(
         ranks("killed"),
         whole,

@@ -8,7 +8,6 @@ use common::s;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 /// (work dir, bundle dir, item ids), built once per test run.
 fn setup() -> &'static (PathBuf, PathBuf, Vec<u64>) {
@@ -53,17 +52,6 @@ fn score_args(input: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
-fn run_ok(args: &[String]) -> Duration {
-    let t = Instant::now();
-    let out = Command::new(common::BIN).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "illmrec {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
-
 /// The records a killed run has committed: the partial file up to the journal's last entry.
 fn committed(output: &Path) -> Vec<u8> {
     let (partial, journal) = illmrec::batch::work_files(output).unwrap();
@@ -83,7 +71,7 @@ fn score_killed_then_resumed_equals_the_uninterrupted_run() {
     std::fs::create_dir_all(&dir).unwrap();
     let input = users(&dir, 16);
     let whole = dir.join("whole.jsonl");
-    let span = run_ok(&score_args(&input, &whole, &[])).mul_f64(1.1);
+    let span = common::run_timed(&score_args(&input, &whole, &[])).mul_f64(1.1);
     let complete = std::fs::read(&whole).unwrap();
     assert_eq!(complete.iter().filter(|&&b| b == b'\n').count(), 15);
     let output = dir.join("killed.jsonl");
@@ -93,15 +81,7 @@ fn score_killed_then_resumed_equals_the_uninterrupted_run() {
     for (k, x) in delays.iter().enumerate() {
         let delay = span.mul_f64(((x + 1.0) / 2.0) as f64 * 0.6);
         let resume: &[&str] = if k > 0 { &["--resume"] } else { &[] };
-        let mut child = Command::new(common::BIN)
-            .args(score_args(&input, &output, resume))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
+        common::kill_after(&score_args(&input, &output, resume), delay);
         if std::fs::read(&output).unwrap() != b"previous results\n" {
             // The run finished before the kill.
             assert_eq!(
@@ -123,7 +103,7 @@ fn score_killed_then_resumed_equals_the_uninterrupted_run() {
         before > 0,
         "no kill came after a commit: the test proves nothing"
     );
-    run_ok(&score_args(&input, &output, &["--resume"]));
+    common::run_timed(&score_args(&input, &output, &["--resume"]));
     assert_eq!(
         std::fs::read(&output).unwrap(),
         complete,
@@ -159,7 +139,7 @@ fn shards_together_are_the_unsharded_run() {
     std::fs::create_dir_all(&dir).unwrap();
     let input = users(&dir, 11);
     let whole = dir.join("whole.jsonl");
-    run_ok(&score_args(&input, &whole, &[]));
+    common::run_timed(&score_args(&input, &whole, &[]));
     let whole = std::fs::read_to_string(&whole).unwrap();
     // Input line n is output line n except after line 5 (skipped).
     let by_line: Vec<(usize, &str)> = (1..=11).filter(|&n| n != 5).zip(whole.lines()).collect();
@@ -167,7 +147,7 @@ fn shards_together_are_the_unsharded_run() {
     for i in 0..3 {
         let out = dir.join(format!("shard-{i}.jsonl"));
         // --resume with no earlier run just starts.
-        run_ok(&score_args(
+        common::run_timed(&score_args(
             &input,
             &out,
             &["--shard", &format!("{i}/3"), "--resume"],

@@ -6,7 +6,8 @@ pub mod load;
 pub mod server;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_illmrec");
 
@@ -238,4 +239,30 @@ pub fn copy_bundle(src: &Path, dst: &Path) -> PathBuf {
 /// A path as a string argument.
 pub fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
+}
+
+/// Runs the CLI to the end, asserting success, and returns how long it took (the span the kill
+/// tests spread their kills over).
+pub fn run_timed(args: &[String]) -> Duration {
+    let t = Instant::now();
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "illmrec {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed()
+}
+
+/// Starts the CLI and kills it with SIGKILL after `delay` (if it is still running).
+pub fn kill_after(args: &[String], delay: Duration) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill(); // SIGKILL on Unix
+    let _ = child.wait();
 }
