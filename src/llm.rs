@@ -615,7 +615,8 @@ pub struct ContextOptions {
     pub n_ctx: u32,
     /// Store the KV cache in f32 instead of llama.cpp's default f16 (for parity checks).
     pub kv_f32: bool,
-    /// Flash attention: `None` lets llama.cpp decide, `Some(false)` forces the plain path.
+    /// Flash attention: `None` lets llama.cpp decide, `Some(false)` (the default) forces the plain
+    /// path, whose results do not depend on the thread count or the batch split on the CPU.
     pub flash_attn: Option<bool>,
     /// Largest number of positions decoded in one call.
     pub n_batch: u32,
@@ -627,7 +628,7 @@ impl Default for ContextOptions {
         Self {
             n_ctx: 2048,
             kv_f32: false,
-            flash_attn: None,
+            flash_attn: Some(false),
             n_batch: 512,
             n_threads: default_threads(),
         }

@@ -1,4 +1,4 @@
-//! The engine on the real default model (Gemma 3 270M Q4_K_M): embedding injection is
+//! The engine on the real default model (Gemma 3 270M, f32): embedding injection is
 //! equivalent to the token it replaces, and prefix reuse equals a fresh prefill.
 
 mod common;
@@ -31,6 +31,10 @@ fn context(model: &Arc<Model>) -> Context {
         },
     )
     .unwrap()
+}
+
+fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, x| m.max(x.abs()))
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -138,14 +142,24 @@ fn prefix_reuse_equals_a_fresh_prefill() {
         reused, reused_again,
         "a request leaves the cache as it found it"
     );
-    assert_eq!(
-        reused, fresh,
-        "reusing the cached prefix must equal recomputing it in the same batches"
+    // The same batches, but the fresh prefix's KV cells sit elsewhere in the cache: with flash
+    // attention off the attention sums run over the whole cache (other sequences masked), so a
+    // different cell layout changes the summation order and nothing else.
+    println!(
+        "reused vs fresh prefix: cos {}, max abs diff {}",
+        cosine(&reused, &fresh),
+        max_abs_diff(&reused, &fresh)
+    );
+    assert!(
+        max_abs_diff(&reused, &fresh) <= 1e-3 * max_abs(&fresh),
+        "reusing the cached prefix must equal recomputing it in the same batches to float rounding: max abs diff {}",
+        max_abs_diff(&reused, &fresh)
     );
 
     // A context that never cached anything decodes everything in one batch. llama.cpp's results
-    // depend on batch shapes (quantized activations, GEMM tiles), so this is close, not equal:
-    // measured cos 0.9989 on the AVX2 build.
+    // depend on batch shapes (GEMM tiles, summation order), so this is close, not equal: on the
+    // f32 default model to float rounding (on Q4_K_M, whose activations are quantized per row,
+    // cos 0.9989 was measured).
     let one_batch = context(&model).last_hidden(&inputs, false).unwrap();
     println!(
         "one batch vs prefix + rest: cos {}, max abs diff {}",
@@ -153,7 +167,7 @@ fn prefix_reuse_equals_a_fresh_prefill() {
         max_abs_diff(&reused, &one_batch)
     );
     assert!(
-        cosine(&reused, &one_batch) > 0.99,
+        cosine(&reused, &one_batch) > 0.9999,
         "cos {}",
         cosine(&reused, &one_batch)
     );

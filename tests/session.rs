@@ -1,7 +1,7 @@
 //! The library API the kiosk server stands on, on the real default model and the shipped demo
 //! bundle: workers sharing one opened recommender from several threads, kiosk sessions that
-//! continue from a saved KV state (checked against cold requests, on the default model and, to
-//! float rounding, on its F32 dequantization), and typed request errors.
+//! continue from a saved KV state (equal to cold requests to float rounding), and typed request
+//! errors.
 
 mod common;
 
@@ -74,17 +74,16 @@ fn sessions_match_cold_requests_and_decode_less() {
             "tap {n}: {history:?} decoded {decoded} of {} positions, hidden cosine {cos:.5}, rel score diff {rel:.2e}",
             user.prompt_positions
         );
-        // llama.cpp is not batch-invariant: the session decodes the new item in a batch of its
-        // own where the cold request decodes the whole prompt in one. The project's tolerance
-        // for that (prefix cache, `embed --prefixes`): cosine >= 0.99 between hidden states.
+        // The session decodes the new item in a batch of its own where the cold request decodes
+        // the whole prompt in one. On the default model (f32 weights, flash attention off) that
+        // changes only float rounding: the tolerance of the PyTorch parity table (README
+        // "Parity with PyTorch"). Quantized models are not held to it (README "Quantized
+        // deployments": their activations are quantized per batch row).
         assert!(
-            cos >= 0.99,
-            "tap {n}: hidden cosine {cos} to a cold request"
-        );
-        assert!(
-            rel < 0.35,
+            rel <= 5e-3,
             "tap {n}: scores differ from a cold request by {rel}"
         );
+        assert!(cos >= 0.9999, "tap {n}: hidden cosine {cos} to a cold request");
         let exclude: HashSet<u64> = history.iter().copied().collect();
         let a: Vec<u64> = rec
             .top_k(&user, 10, None, &exclude)
@@ -99,7 +98,7 @@ fn sessions_match_cold_requests_and_decode_less() {
             .map(|s| s.id)
             .collect();
         let overlap = a.iter().filter(|id| b.contains(id)).count();
-        assert!(overlap >= 6, "tap {n}: top-10 {a:?} against cold {b:?}");
+        assert!(overlap >= 9, "tap {n}: top-10 {a:?} against cold {b:?}");
         if (1..4).contains(&n) {
             // One new item: its own positions, then the closing text and [REC] (plus up to two
             // positions of margin after an item without an image), whatever the history's length.
@@ -194,55 +193,4 @@ fn request_errors_are_typed() {
         .map(|_| ())
         .map_err(Into::into);
     assert!(format!("{:#}", as_anyhow.unwrap_err()).contains("item 7777777 is not in the catalog"));
-}
-
-/// The F32 model (the default model dequantized by `illmrec quantize`), made once per target
-/// folder and shared by the tests that need a model without quantized-activation noise.
-fn f32_model() -> std::path::PathBuf {
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gemma-3-270m-f32.gguf");
-    if !path.exists() {
-        illmrec::llm::quantize(&common::model_path(), &path, "F32", 2).unwrap();
-    }
-    path
-}
-
-/// The gap the test above allows is the quantized model's batch-shape noise, not the saved
-/// state: on the F32 model with flash attention off and an f32 KV cache, every tap (an item
-/// added, then one removed from the middle) scores the whole catalog as a cold request does, to
-/// float rounding (the tolerance of the PyTorch parity table, README "Parity with PyTorch").
-#[test]
-fn sessions_equal_cold_requests_on_the_f32_model() {
-    let cache = std::env::temp_dir().join(format!("illmrec-session-f32-{}", std::process::id()));
-    let mut rec = Recommender::open(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo-bundle"),
-        Options {
-            model: Some(f32_model()),
-            context: illmrec::llm::ContextOptions {
-                n_threads: 2,
-                flash_attn: Some(false),
-                kv_f32: true,
-                ..Default::default()
-            },
-            cache_dir: Some(cache),
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    let mut cold = rec.worker().unwrap();
-    let mut session = SessionState::default();
-    let taps: [&[u64]; 4] = [&[260], &[260, 1198], &[260, 1198, 1196], &[260, 1196]];
-    for (n, history) in taps.iter().enumerate() {
-        let (user, decoded) = rec.encode_session(&mut session, history).unwrap();
-        let reference = cold.encode_user(history).unwrap();
-        let rel = rel_diff(&all_scores(&rec, &user), &all_scores(&rec, &reference));
-        let cos = cosine(&user.hidden, &reference.hidden);
-        eprintln!(
-            "F32 tap {n}: decoded {decoded}, hidden cosine {cos:.7}, rel score diff {rel:.2e}"
-        );
-        assert!(
-            rel <= 5e-3,
-            "tap {n}: scores differ from a cold request by {rel}"
-        );
-        assert!(cos >= 0.9999, "tap {n}: hidden cosine {cos}");
-    }
 }

@@ -19,7 +19,7 @@ import pytest
 from illmrec_tools.prepare import REPO_ROOT
 
 BIN = REPO_ROOT / "target" / "release" / "illmrec"
-MODEL = REPO_ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
+MODEL = REPO_ROOT / "models" / "gemma-3-270m-f32.gguf"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
