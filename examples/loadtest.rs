@@ -1,8 +1,10 @@
 //! A bounded load test of `illmrec serve` on loopback: starts the release binary on the demo
 //! bundle (or `--bundle DIR`), runs CLIENTS threads × REQUESTS mixed requests (recommend,
 //! sessions and taps, catalog, health, and bad requests), reports p50/p99 latency, errors, RSS
-//! before and after, then fires a burst at a one-slot queue to show the 503 + Retry-After
-//! behaviour, and stops the server with SIGTERM. It stops by itself.
+//! before and after, then times kiosk taps against cold requests (the demo's sample history
+//! tapped one item at a time, each tap followed by `/v1/recommend` for the same history, on an
+//! otherwise idle server with one context), fires a burst at a one-slot queue to show the 503 +
+//! Retry-After behaviour, and stops the server with SIGTERM. It stops by itself.
 //!
 //!   cargo build --release && cargo run --release --example loadtest -- [CLIENTS] [REQUESTS] [CONTEXTS]
 
@@ -66,6 +68,62 @@ fn main() {
     );
     for e in out.errors.iter().chain(&out.bad_wrong).take(5) {
         println!("  ! {e}");
+    }
+    drop(srv);
+
+    // Per-tap latency against a cold request: one context, nothing else running.
+    let srv = server::Server::start(bin, &["--contexts", "1", "--threads", "2"]);
+    let a = server::agent();
+    let sample: Vec<u64> = [260u64, 1198, 1196, 1210, 589]
+        .into_iter()
+        .filter(|id| catalog.contains(id))
+        .collect();
+    let history: Vec<u64> = if sample.len() == 5 { sample } else { catalog[..5].to_vec() };
+    let rounds = 3;
+    let mut taps = vec![vec![]; history.len()];
+    let mut colds = vec![vec![]; history.len()];
+    let mut positions = vec![(0u64, 0u64); history.len()];
+    for _ in 0..rounds {
+        let s = server::post(&a, &format!("{}/v1/sessions", srv.url), "").json()["session"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for (n, id) in history.iter().enumerate() {
+            let t = Instant::now();
+            let tap = server::post(
+                &a,
+                &format!("{}/v1/sessions/{s}/items", srv.url),
+                &format!("{{\"id\": {id}}}"),
+            );
+            taps[n].push(t.elapsed().as_secs_f64() * 1e3);
+            let tap = tap.json();
+            let t = Instant::now();
+            let body = format!("{{\"history\": {:?}}}", &history[..=n]);
+            let cold = server::post(&a, &format!("{}/v1/recommend", srv.url), &body);
+            colds[n].push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(cold.status, 200, "{}", cold.body);
+            positions[n] = (
+                tap["prompt_positions"].as_u64().unwrap_or(0),
+                tap["decoded_positions"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("taps: history {history:?} tapped one item at a time, {rounds} rounds, medians, 1 context x 2 threads");
+    println!("| history items | prompt positions | decoded by the tap | tap ms | cold `/v1/recommend` ms | cold / tap |");
+    println!("|---|---|---|---|---|---|");
+    for n in 0..history.len() {
+        let (t, c) = (median(&mut taps[n]), median(&mut colds[n]));
+        println!(
+            "| {} | {} | {} | {t:.0} | {c:.0} | {:.2}× |",
+            n + 1,
+            positions[n].0,
+            positions[n].1,
+            c / t
+        );
     }
     drop(srv);
 

@@ -43,6 +43,8 @@ def model_file(kind):
     with `illmrec quantize` when missing (f32 = the default model dequantized by llama.cpp)."""
     if kind == "q4_k_m":
         return DEFAULT_GGUF
+    if kind == "f32" and (REPO / "models" / "gemma-3-270m-f32.gguf").exists():
+        return REPO / "models" / "gemma-3-270m-f32.gguf"  # the runtime's default model
     path = MODELS / f"gemma-3-270m-{kind}.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

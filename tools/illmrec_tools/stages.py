@@ -95,7 +95,8 @@ def load_partial_npy(path):
     partial = path.with_name(path.name + ".partial")
     with open(partial, "rb") as f:
         version = np.lib.format.read_magic(f)
-        shape, _, dtype = np.lib.format._read_array_header(f, version)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
         start = f.tell()
     raw = np.memmap(partial, dtype=dtype, mode="r", offset=start)
     n = len(raw) // shape[1]

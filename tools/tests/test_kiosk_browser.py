@@ -100,10 +100,10 @@ def test_three_taps_in_a_real_browser(server, tmp_path):
         want = [it["id"] for it in cold["items"]]
         assert len(shown) == len(want) == 10
         assert not set(shown) & set(picked)
-        # The page continues a session's KV state; /v1/recommend decodes cold. llama.cpp is not
-        # batch-invariant, so the lists agree within that noise (tests/session.rs), not bit for bit.
-        assert len(set(shown) & set(want)) >= 6, (shown, want)
-        assert shown[0] in want[:3], (shown, want)
+        # The page continues a session's KV state; /v1/recommend decodes cold. The two agree to
+        # float rounding (rel <= 5e-3, tests/session.rs), so only near-ties may swap places.
+        assert len(set(shown) & set(want)) >= 9, (shown, want)
+        assert shown[0] in want[:2], (shown, want)
         # scores hidden by default, shown on request
         score = driver.find_element(By.CSS_SELECTOR, "#recs .score")
         assert not score.is_displayed()

@@ -60,3 +60,17 @@ def test_f32_scores_match_reference(setup):
         m = parity.compare(ref, run[user])
         print(user, json.dumps(m))
         assert m["rel"] <= MAX_REL and m["spearman"] >= MIN_SPEARMAN and m["top10_overlap"] >= 0.9, (user, m)
+
+
+def test_torch_bench_runs(setup, tmp_path):
+    """The PyTorch peer benchmark (illmrec_tools.torch_bench) end to end on one user: the runtime's
+    rows and both PyTorch rows come back. No timing is asserted."""
+    from illmrec_tools import torch_bench
+    bundle = setup[0]
+    out = tmp_path / "bench.json"
+    torch_bench.main(["--bundle", str(bundle), "--dataset", str(bundle.parent / "ml-latest-small"), "--users", "1",
+                      "--warmup", "0", "--threads", "1", "--gguf", str(parity.model_file("f32")), "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["engine"] for r in rows][-2:] == ["PyTorch float32", "PyTorch bf16 autocast"]
+    assert any(r["engine"].startswith("illmrec") for r in rows)
+    assert all(r["mean_ms"] > 0 and r["users"] == 1 for r in rows)

@@ -1,0 +1,146 @@
+"""The runtime against PyTorch on the same CPU, the same histories and the same session.
+
+Runs `illmrec bench --json` and then times the PyTorch reference (tools/illmrec_tools/parity.py's
+`Reference`: the same prompt, adaptor, injected vectors and [REC], transformers' Gemma 3 in float32
+with its default attention, and the same model weights: the GGUF dequantized) on the same test
+users: float32 and bfloat16 autocast (oneDNN; AMX where the CPU has it). A PyTorch request is
+timed like the runtime's: prompt embedding, the LLM forward, the user heads, one score per catalog
+item (item vectors projected once beforehand, as the runtime's cache holds them) and the top 10.
+
+    PYTHONPATH=tools tools/.venv/bin/python -m illmrec_tools.torch_bench \
+        --bundle models/demo-bundle --dataset data/ml-latest-small-demo --users 10 --threads 2
+
+prints a markdown table (and writes --json) with p50/mean per user and each engine's time
+relative to the runtime's image-prompt row of the same run.
+"""
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .export import ILLMREC as BIN
+from .llm import DEFAULT_GGUF, load_llm
+from .parity import Reference
+
+
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def runtime_bench(bundle, dataset, users, warmup, threads, extra=()):
+    out = subprocess.run([str(BIN), "bench", "--bundle", str(bundle), "--dataset", str(dataset),
+                          "--users", str(users), "--warmup", str(warmup), "--threads", str(threads),
+                          "--images", "0", "--json", *extra], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_histories(dataset, catalog, n):
+    """The first `n` test histories whose items are all in the catalog (as `illmrec bench`)."""
+    out = []
+    for line in (Path(dataset) / "test.jsonl").read_text().splitlines():
+        case = json.loads(line)
+        if all(i in catalog for i in case["history"]):
+            out.append(case["history"])
+            if len(out) == n:
+                break
+    return out
+
+
+class TorchScorer:
+    """A whole request in PyTorch: [REC] state → user heads → catalog scores → top 10."""
+
+    def __init__(self, ref):
+        self.ref = ref
+        ids = sorted(ref.items)
+        self.ids = torch.tensor(ids)
+        vectors, present = [], []
+        for m in ref.modalities:
+            projected = {k: ref._mlp(f"f_i_{m}", torch.from_numpy(ref.banks[m][i]).double())
+                         for k, i in enumerate(ids) if i in ref.banks[m]}
+            rows = torch.zeros(len(ids), len(next(iter(projected.values()))))
+            have = torch.zeros(len(ids), dtype=torch.bool)
+            for k, v in projected.items():
+                rows[k], have[k] = v.float(), True
+            vectors.append(rows)
+            present.append(have)
+        self.vectors = vectors
+        self.count = torch.stack(present).sum(0).clamp(min=1).float()
+        self.w = {k: v.float() for k, v in ref.w.items()}
+
+    def mlp(self, prefix, x):
+        w, eps = self.w, self.ref.cfg.get("head_ln_eps", 1e-5)
+        h = torch.nn.functional.linear(x, w[f"{prefix}.mlp.0.weight"], w[f"{prefix}.mlp.0.bias"])
+        h = torch.nn.functional.layer_norm(h, h.shape[-1:], w[f"{prefix}.mlp.1.weight"], w[f"{prefix}.mlp.1.bias"], eps)
+        return torch.nn.functional.linear(h.relu(), w[f"{prefix}.mlp.3.weight"], w[f"{prefix}.mlp.3.bias"])
+
+    @torch.inference_mode()
+    def request(self, history):
+        h = self.ref.hidden(history).float()
+        scores = sum(v @ self.mlp(f"f_u_{m}", h) for m, v in zip(self.ref.modalities, self.vectors)) / self.count
+        seen = torch.isin(self.ids, torch.tensor(history))
+        return self.ids[scores.masked_fill(seen, float("-inf")).topk(10).indices]
+
+
+def time_torch(scorer, histories, warmup, bf16):
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    times = []
+    with ctx:
+        for k, h in enumerate(histories):
+            t = time.perf_counter()
+            scorer.request(h)
+            if k >= warmup:
+                times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--dataset", type=Path, required=True)
+    ap.add_argument("--users", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF,
+                    help="weights for PyTorch (dequantized; the default model is the same weights in f32)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    runtime = runtime_bench(a.bundle, a.dataset, a.users, a.warmup, a.threads)
+    model, tok = load_llm(a.gguf)
+    model.config._attn_implementation = "sdpa"  # PyTorch's fast attention, not the parity run's eager
+    ref = Reference(a.bundle, model, tok)
+    histories = test_histories(a.dataset, ref.items, a.users + a.warmup)
+    scorer = TorchScorer(ref)
+    rows = [{"engine": f"illmrec ({r['config']})", "p50_ms": r["p50_ms"], "mean_ms": r["mean_ms"],
+             "users": r["users"]} for r in runtime["rows"] if "image token" in r["config"]]
+    for name, bf16 in (("PyTorch float32", False), ("PyTorch bf16 autocast", True)):
+        t = time_torch(scorer, histories, a.warmup, bf16)
+        rows.append({"engine": name, "p50_ms": statistics.median(t), "mean_ms": statistics.fmean(t), "users": len(t)})
+    base = rows[0]["mean_ms"]
+    for r in rows:
+        r["time_vs_runtime"] = r["mean_ms"] / base
+    report = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__,
+              "onednn_bf16": torch.backends.mkldnn.is_available(), "runtime_model": runtime["model"],
+              "rows": rows}
+    print(f"{report['cpu']}, {a.threads} threads, torch {torch.__version__}, runtime model {runtime['model']}\n")
+    print("| engine | users | p50 ms | mean ms | time vs runtime |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['users']} | {r['p50_ms']:.0f} | {r['mean_ms']:.0f} | {r['time_vs_runtime']:.2f}× |")
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
