@@ -297,10 +297,11 @@ impl Shared {
     /// A NaN or infinite score is an error ([`rank::NonFiniteScore`]), never a number to rank.
     pub fn score_items(&self, user: &UserVector, ids: &[u64]) -> RequestResult<Vec<Option<f32>>> {
         self.check_ids(ids)?;
+        let query = self.items.query(&user.vectors);
         ids.iter()
             .map(|&id| {
                 let i = self.catalog.position(id).expect("checked above");
-                match self.items.score(&user.vectors, i) {
+                match self.items.score(&query, i) {
                     Some(s) if !s.is_finite() => Err(rank::NonFiniteScore { id, score: s }.into()),
                     score => Ok(score),
                 }
@@ -323,12 +324,9 @@ impl Shared {
                 let scores = self.score_items(user, ids)?;
                 rank::top_k(ids.iter().copied().zip(scores), exclude, k)?
             }
-            None => rank::top_k(
-                (0..self.items.len())
-                    .map(|i| (self.items.ids()[i], self.items.score(&user.vectors, i))),
-                exclude,
-                k,
-            )?,
+            None => self
+                .items
+                .top_k(&self.items.query(&user.vectors), exclude, k)?,
         })
     }
 }
@@ -382,12 +380,13 @@ impl Recommender {
             &bundle.file(&m.heads_config),
         )?;
         let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
-        let (banks, digests) = bundle.open_banks()?;
-        check_dims(&heads, info.n_embd, &banks)?;
         let cache_dir = opts
             .cache_dir
             .clone()
             .unwrap_or_else(|| bundle.dir.join("cache"));
+        let (banks, digests) =
+            bundle.open_banks(Some(&crate::verified::Stamps::new(&cache_dir)))?;
+        check_dims(&heads, info.n_embd, &banks)?;
         let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
         let model = Arc::new(Model::load(&model_path, &opts.model_options)?);
         Self::on(Arc::new(Shared {
