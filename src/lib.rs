@@ -13,6 +13,9 @@
 //! - [`items_edit`]: adding, removing and replacing an item of a bundle;
 //! - [`eval`]: the evaluation protocol (HR@k, NDCG@k, reference rankers);
 //! - [`rank`]: top-k selection over scored ids (pure);
+//! - [`dot16`]: f32 · f16 dot products (the catalog scan's kernel);
+//! - [`verified`]: stamps that let whole-file checks run once per file version;
+//! - [`synthetic`]: a synthetic catalog of N items and its measurements (`bench-catalog`);
 //! - [`batch`]: batch scoring records, `--shard` selection and the resumable output;
 //! - [`recommender`]: everything together;
 //! - [`npy`], [`jsonl`], [`fsutil`]: file helpers;
@@ -39,4 +42,5 @@ pub mod npy;
 pub mod prompt;
 pub mod rank;
 pub mod recommender;
+pub mod synthetic;
 pub mod verified;
