@@ -264,6 +264,11 @@ impl ItemVectors {
         bytemuck::cast_slice(&self.bytes()[rows_offset(self.count)..])
     }
 
+    /// The rows' bytes as mapped (for measuring the plain read rate of the same memory).
+    pub fn rows_bytes(&self) -> &[u8] {
+        &self.bytes()[rows_offset(self.count)..]
+    }
+
     /// Values per item row: `n_modalities × proj_dim`.
     pub fn width(&self) -> usize {
         self.modalities.len() * self.proj_dim
