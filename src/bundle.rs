@@ -326,7 +326,7 @@ impl Bundle {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    (s.len() % 2 == 0 && s.is_ascii())
+    (s.len().is_multiple_of(2) && s.is_ascii())
         .then(|| {
             (0..s.len())
                 .step_by(2)

@@ -360,8 +360,9 @@ impl Recommender {
     /// every shape agrees, builds or opens the item-vector cache, and prefills the task text.
     ///
     /// Every bundle file it reads (heads, heads config, items, banks) is checked against the
-    /// manifest's sha256 first, so a changed byte anywhere in them is an error, never a different
-    /// answer; only the model file is checked by size, `n_embd` and architecture alone (its
+    /// manifest's sha256 first (banks once per file version: a stamp in the cache folder vouches
+    /// for an unchanged bank, see [`crate::verified`]), so a changed byte anywhere in them is an
+    /// error, never a different answer; only the model file is checked by size, `n_embd` and architecture alone (its
     /// sha256 is `bundle verify`'s).
     pub fn open(bundle_dir: &Path, opts: Options) -> Result<Self> {
         ensure!(opts.max_history >= 1, "--max-history must be at least 1");
