@@ -73,7 +73,7 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
     )?;
     let items_bytes = bundle.read_verified(&m.items)?;
     let catalog = Catalog::parse(&items_bytes, &bundle.file(&m.items))?;
-    let (banks, digests) = bundle.open_banks()?;
+    let (banks, digests) = bundle.open_banks(None)?;
 
     let (id, new) = match edit {
         Edit::Add(n) => {

@@ -3,7 +3,8 @@
 //! Every caller that turns (id, score) pairs into a ranked list goes through [`top_k`], so an id
 //! always stays paired with its own score: filtering happens on the pairs, never on the ids alone.
 
-use std::collections::HashSet;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashSet};
 use std::fmt;
 
 /// An item and its score.
@@ -35,33 +36,98 @@ impl std::error::Error for NonFiniteScore {}
 /// The `k` best of `scored`, skipping ids in `exclude` and items without a score (`None`: no
 /// feature in any scored modality). Order: higher score first, ties by lower id, so the result
 /// is deterministic. An id given twice appears once. A NaN or infinite score is an error, never a
-/// rank. Selection is O(n + k log k): the whole list is never sorted.
+/// rank. Selection streams through a [`TopK`] of at most `k` entries: the list is never sorted or
+/// collected.
 pub fn top_k(
     scored: impl IntoIterator<Item = (u64, Option<f32>)>,
     exclude: &HashSet<u64>,
     k: usize,
 ) -> Result<Vec<Scored>, NonFiniteScore> {
     let mut seen = HashSet::new();
-    let mut kept = Vec::new();
+    let mut top = TopK::new(k, exclude);
     for (id, score) in scored {
         let Some(score) = score else { continue };
+        // Checked before the duplicate filter: a broken score is an error wherever it sits.
         if !score.is_finite() {
             return Err(NonFiniteScore { id, score });
         }
-        if !exclude.contains(&id) && seen.insert(id) {
-            kept.push(Scored { id, score });
+        if seen.insert(id) {
+            top.push(id, score)?;
         }
     }
-    let better = |a: &Scored, b: &Scored| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id));
-    if k == 0 {
-        return Ok(Vec::new());
+    Ok(top.into_sorted())
+}
+
+/// An entry ordered so that the greatest is the worst: lower score, then higher id.
+#[derive(Clone, Debug)]
+struct Worst(Scored);
+
+impl PartialEq for Worst {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
     }
-    if kept.len() > k {
-        kept.select_nth_unstable_by(k - 1, better);
-        kept.truncate(k);
+}
+impl Eq for Worst {}
+impl PartialOrd for Worst {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
     }
-    kept.sort_unstable_by(better);
-    Ok(kept)
+}
+impl Ord for Worst {
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.0.score
+            .total_cmp(&self.0.score)
+            .then(self.0.id.cmp(&o.0.id))
+    }
+}
+
+/// The `k` best of a stream of unique ids: a bounded heap whose top is the worst kept entry,
+/// so each pushed item costs one comparison unless it enters. The order is [`top_k`]'s (score by
+/// `total_cmp`, higher first; ties by lower id), a strict total order over distinct ids, so the
+/// result equals a full sort's first `k` whatever the push order. Ids in `exclude` never enter;
+/// the exclusion set is consulted only for items good enough to enter.
+pub struct TopK<'a> {
+    k: usize,
+    heap: BinaryHeap<Worst>,
+    exclude: &'a HashSet<u64>,
+}
+
+impl<'a> TopK<'a> {
+    pub fn new(k: usize, exclude: &'a HashSet<u64>) -> Self {
+        Self {
+            k,
+            heap: BinaryHeap::with_capacity(k.min(1 << 16) + 1),
+            exclude,
+        }
+    }
+
+    /// Offers one item. The caller guarantees each id is pushed at most once.
+    #[inline]
+    pub fn push(&mut self, id: u64, score: f32) -> Result<(), NonFiniteScore> {
+        if !score.is_finite() {
+            return Err(NonFiniteScore { id, score });
+        }
+        let e = Worst(Scored { id, score });
+        if self.heap.len() < self.k {
+            if !self.exclude.contains(&id) {
+                self.heap.push(e);
+            }
+        } else if let Some(mut worst) = self.heap.peek_mut() {
+            if e < *worst && !self.exclude.contains(&id) {
+                *worst = e;
+            }
+        }
+        Ok(())
+    }
+
+    /// The kept entries, best first.
+    pub fn into_sorted(self) -> Vec<Scored> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|w| w.0)
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +224,62 @@ mod tests {
     fn unscored_items_are_skipped() {
         let top = top_k([(1, Some(0.2)), (2, None), (3, Some(0.9))], &ex(&[]), 5).unwrap();
         assert_eq!(ids(&top), vec![3, 1]);
+    }
+
+    /// The streaming heap gives a full sort's first k for every push order, k and exclusion,
+    /// with many ties (the candidate-score bug lived in tie handling).
+    #[test]
+    fn streaming_top_k_matches_a_full_sort_in_any_order() {
+        let mut x = 99u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            x >> 33
+        };
+        let items: Vec<(u64, f32)> = (0..300)
+            .map(|i| (i * 7 % 300, (next() % 20) as f32 / 3.0 - 2.0))
+            .collect();
+        let exclude: HashSet<u64> = items
+            .iter()
+            .map(|p| p.0)
+            .filter(|id| id % 11 == 0)
+            .collect();
+        let mut full: Vec<Scored> = items
+            .iter()
+            .filter(|p| !exclude.contains(&p.0))
+            .map(|&(id, score)| Scored { id, score })
+            .collect();
+        full.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        for round in 0..5 {
+            let mut order = items.clone();
+            // A seeded shuffle per round (round 0: as given).
+            for i in (1..order.len())
+                .rev()
+                .take(if round == 0 { 0 } else { usize::MAX })
+            {
+                order.swap(i, next() as usize % (i + 1));
+            }
+            for k in [0, 1, 3, 10, 100, 272, 400] {
+                let mut top = TopK::new(k, &exclude);
+                for &(id, s) in &order {
+                    top.push(id, s).unwrap();
+                }
+                assert_eq!(
+                    top.into_sorted(),
+                    full[..k.min(full.len())].to_vec(),
+                    "k {k} round {round}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_top_k_rejects_non_finite_scores() {
+        let none = HashSet::new();
+        let mut top = TopK::new(2, &none);
+        top.push(1, 0.5).unwrap();
+        assert_eq!(top.push(2, f32::NAN).unwrap_err().id, 2);
     }
 
     /// Partial selection gives exactly what a full sort would, for every k.

@@ -297,10 +297,11 @@ impl Shared {
     /// A NaN or infinite score is an error ([`rank::NonFiniteScore`]), never a number to rank.
     pub fn score_items(&self, user: &UserVector, ids: &[u64]) -> RequestResult<Vec<Option<f32>>> {
         self.check_ids(ids)?;
+        let query = self.items.query(&user.vectors);
         ids.iter()
             .map(|&id| {
                 let i = self.catalog.position(id).expect("checked above");
-                match self.items.score(&user.vectors, i) {
+                match self.items.score(&query, i) {
                     Some(s) if !s.is_finite() => Err(rank::NonFiniteScore { id, score: s }.into()),
                     score => Ok(score),
                 }
@@ -323,12 +324,9 @@ impl Shared {
                 let scores = self.score_items(user, ids)?;
                 rank::top_k(ids.iter().copied().zip(scores), exclude, k)?
             }
-            None => rank::top_k(
-                (0..self.items.len())
-                    .map(|i| (self.items.ids()[i], self.items.score(&user.vectors, i))),
-                exclude,
-                k,
-            )?,
+            None => self
+                .items
+                .top_k(&self.items.query(&user.vectors), exclude, k)?,
         })
     }
 }
@@ -362,8 +360,9 @@ impl Recommender {
     /// every shape agrees, builds or opens the item-vector cache, and prefills the task text.
     ///
     /// Every bundle file it reads (heads, heads config, items, banks) is checked against the
-    /// manifest's sha256 first, so a changed byte anywhere in them is an error, never a different
-    /// answer; only the model file is checked by size, `n_embd` and architecture alone (its
+    /// manifest's sha256 first (banks once per file version: a stamp in the cache folder vouches
+    /// for an unchanged bank, see [`crate::verified`]), so a changed byte anywhere in them is an
+    /// error, never a different answer; only the model file is checked by size, `n_embd` and architecture alone (its
     /// sha256 is `bundle verify`'s).
     pub fn open(bundle_dir: &Path, opts: Options) -> Result<Self> {
         ensure!(opts.max_history >= 1, "--max-history must be at least 1");
@@ -382,12 +381,13 @@ impl Recommender {
             &bundle.file(&m.heads_config),
         )?;
         let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
-        let (banks, digests) = bundle.open_banks()?;
-        check_dims(&heads, info.n_embd, &banks)?;
         let cache_dir = opts
             .cache_dir
             .clone()
             .unwrap_or_else(|| bundle.dir.join("cache"));
+        let (banks, digests) =
+            bundle.open_banks(Some(&crate::verified::Stamps::new(&cache_dir)))?;
+        check_dims(&heads, info.n_embd, &banks)?;
         let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
         let model = Arc::new(Model::load(&model_path, &opts.model_options)?);
         Self::on(Arc::new(Shared {

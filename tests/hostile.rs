@@ -170,7 +170,7 @@ fn a_changed_byte_in_any_bundle_file_is_caught_at_open() {
     let cache = copy.join("cache");
     // A first run builds the item-vector cache.
     let before = json_of(&recommend(&copy, &[]));
-    assert!(std::fs::read_dir(&cache).unwrap().count() == 1);
+    assert!(common::item_vector_files(&cache).len() == 1);
     for (name, at) in [
         ("heads.safetensors", 0.6),
         ("heads.json", 0.5),
@@ -195,12 +195,7 @@ fn a_damaged_item_vector_cache_is_rebuilt_not_used() {
     let copy = bundle_copy("cache-damage");
     let before = json_of(&recommend(&copy, &[]));
     let cache_dir = copy.join("cache");
-    let file = std::fs::read_dir(&cache_dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let file = common::item_vector_files(&cache_dir).remove(0);
     let n = setup().2.len();
     // A vector value, then a presence byte (item 0's image).
     for at in [
@@ -221,7 +216,7 @@ fn a_damaged_item_vector_cache_is_rebuilt_not_used() {
     // Other heads: another cache file (the key covers what the vectors derive from).
     replace_listed(&copy, "heads.safetensors", &heads_with("rec_token", 0, 0.5));
     json_of(&recommend(&copy, &[]));
-    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 2);
+    assert_eq!(common::item_vector_files(&cache_dir).len(), 2);
 }
 
 #[test]

@@ -201,10 +201,7 @@ fn items_add_remove_replace_on_the_demo_bundle() {
         .is_none());
 
     // The extended item-vector cache is the one a full rebuild makes.
-    let cache: Vec<PathBuf> = std::fs::read_dir(bundle.join("cache"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let cache: Vec<PathBuf> = common::item_vector_files(&bundle.join("cache"));
     assert_eq!(cache.len(), 1, "{cache:?}");
     let extended = std::fs::read(&cache[0]).unwrap();
     let r = recommend_candidates(&bundle, "1,3114,4886,6377", "103141,2,3");

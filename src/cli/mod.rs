@@ -2,6 +2,7 @@
 
 mod bank_cmd;
 mod bench;
+mod bench_catalog;
 mod bundle_cmd;
 mod embed;
 mod eval_cmd;
@@ -57,6 +58,9 @@ enum Command {
     InitHeads(InitHeadsArgs),
     /// Measure load time, per-user latency, prompt size and memory on a dataset's histories.
     Bench(bench::BenchArgs),
+    /// Measure a synthetic catalog (default 1M items): open time, RSS, top-k scan time per user
+    /// against this machine's memory bandwidth. Needs no model.
+    BenchCatalog(bench_catalog::BenchCatalogArgs),
     /// Quantize a GGUF model with llama.cpp.
     Quantize(QuantizeArgs),
     /// Show the build's compute backends and a model's metadata.
@@ -78,6 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Items(c) => items_cmd::run(c),
         Command::InitHeads(a) => init_heads(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchCatalog(a) => bench_catalog::run(a),
         Command::Quantize(a) => quantize(a),
         Command::Info(a) => info(a),
         Command::Serve(a) => serve::run(a),

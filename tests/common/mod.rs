@@ -237,6 +237,21 @@ pub fn copy_bundle(src: &Path, dst: &Path) -> PathBuf {
 }
 
 /// A path as a string argument.
+/// The item-vector cache files in a cache folder (the folder also holds verified-file stamps).
+#[allow(dead_code)]
+pub fn item_vector_files(cache_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("item-vectors-"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 pub fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
