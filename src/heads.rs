@@ -461,7 +461,7 @@ impl TensorReader<'_> {
 }
 
 /// Storage precision for written heads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightDtype {
     F32,
     F16,

@@ -143,7 +143,7 @@ impl SessionState {
 }
 
 /// What to write for a history item that has no image feature.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MissingImage {
     /// The item's description (or its genres), truncated, in place of the visual token.
     Text,

@@ -122,8 +122,8 @@ pub struct RuntimeArgs {
     #[arg(long, default_value_t = 10)]
     pub max_history: usize,
     /// What a history item without an image feature becomes in the prompt.
-    #[arg(long, value_enum, default_value_t = MissingImage::Text)]
-    pub missing_image: MissingImage,
+    #[arg(long, value_enum, default_value_t = MissingImageArg::Text)]
+    pub missing_image: MissingImageArg,
     /// Longest description written into a prompt, in tokens.
     #[arg(long, default_value_t = 64)]
     pub description_tokens: usize,
@@ -136,6 +136,42 @@ pub struct RuntimeArgs {
     /// Show llama.cpp's own log.
     #[arg(long)]
     pub verbose: bool,
+}
+
+/// `--missing-image` (the library's [`MissingImage`], kept free of clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingImageArg {
+    /// The item's description (or its genres), truncated, in place of the visual token.
+    Text,
+    /// Only the title.
+    Title,
+}
+
+impl From<MissingImageArg> for MissingImage {
+    fn from(a: MissingImageArg) -> Self {
+        match a {
+            MissingImageArg::Text => MissingImage::Text,
+            MissingImageArg::Title => MissingImage::Title,
+        }
+    }
+}
+
+/// `--dtype` of written heads (the library's [`WeightDtype`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for WeightDtype {
+    fn from(a: DtypeArg) -> Self {
+        match a {
+            DtypeArg::F32 => WeightDtype::F32,
+            DtypeArg::F16 => WeightDtype::F16,
+            DtypeArg::Bf16 => WeightDtype::Bf16,
+        }
+    }
 }
 
 impl RuntimeArgs {
@@ -160,7 +196,7 @@ impl RuntimeArgs {
                 n_threads: self.threads.unwrap_or_else(llm::default_threads),
             },
             max_history: self.max_history,
-            missing_image: self.missing_image,
+            missing_image: self.missing_image.into(),
             description_tokens: self.description_tokens,
             cache_dir: self.cache_dir.clone(),
             reuse_prefix: !self.no_prefix_cache,
@@ -215,8 +251,8 @@ struct InitHeadsArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
-    dtype: WeightDtype,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
 }
 
 fn init_heads(a: InitHeadsArgs) -> Result<()> {
@@ -229,7 +265,7 @@ fn init_heads(a: InitHeadsArgs) -> Result<()> {
         a.config.display()
     );
     let tensors = illmrec::heads::random_tensors(&cfg, a.seed)?;
-    illmrec::heads::write_safetensors(&a.out, &tensors, a.dtype)?;
+    illmrec::heads::write_safetensors(&a.out, &tensors, a.dtype.into())?;
     let params: usize = tensors.iter().map(|t| t.2.len()).sum();
     println!(
         "wrote {} ({} tensors, {params} parameters, seed {})",
