@@ -37,8 +37,8 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def runtime_bench(bundle, dataset, users, warmup, threads, extra=()):
-    out = subprocess.run([str(BIN), "bench", "--bundle", str(bundle), "--dataset", str(dataset),
+def runtime_bench(bundle, dataset, users, warmup, threads, extra=(), bin=BIN):
+    out = subprocess.run([str(bin), "bench", "--bundle", str(bundle), "--dataset", str(dataset),
                           "--users", str(users), "--warmup", str(warmup), "--threads", str(threads),
                           "--images", "0", "--json", *extra], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
@@ -112,11 +112,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF,
                     help="weights for PyTorch (dequantized; the default model is the same weights in f32)")
+    ap.add_argument("--bin", type=Path, default=BIN, help="the illmrec binary to time (e.g. a cpu-variants build)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    runtime = runtime_bench(a.bundle, a.dataset, a.users, a.warmup, a.threads)
+    runtime = runtime_bench(a.bundle, a.dataset, a.users, a.warmup, a.threads, bin=a.bin)
     model, tok = load_llm(a.gguf)
     model.config._attn_implementation = "sdpa"  # PyTorch's fast attention, not the parity run's eager
     ref = Reference(a.bundle, model, tok)
