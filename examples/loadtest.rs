@@ -78,7 +78,11 @@ fn main() {
         .into_iter()
         .filter(|id| catalog.contains(id))
         .collect();
-    let history: Vec<u64> = if sample.len() == 5 { sample } else { catalog[..5].to_vec() };
+    let history: Vec<u64> = if sample.len() == 5 {
+        sample
+    } else {
+        catalog[..5].to_vec()
+    };
     let rounds = 3;
     let mut taps = vec![vec![]; history.len()];
     let mut colds = vec![vec![]; history.len()];

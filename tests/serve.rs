@@ -251,10 +251,21 @@ fn sessions_follow_taps_and_agree_with_cold_requests() {
         let overlap = t.iter().filter(|x| c.contains(x)).count();
         assert!(overlap >= 9, "session {t:?} against cold {c:?}");
         let top = cold["items"][0]["score"].as_f64().unwrap().abs();
-        for (a, b) in tap["items"].as_array().unwrap().iter().zip(cold["items"].as_array().unwrap()) {
+        for (a, b) in tap["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(cold["items"].as_array().unwrap())
+        {
             if a["id"] == b["id"] {
                 let d = (a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs();
-                assert!(d <= 5e-3 * top, "item {}: tap {} cold {}", a["id"], a["score"], b["score"]);
+                assert!(
+                    d <= 5e-3 * top,
+                    "item {}: tap {} cold {}",
+                    a["id"],
+                    a["score"],
+                    b["score"]
+                );
             }
         }
         assert!(

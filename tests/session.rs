@@ -83,7 +83,10 @@ fn sessions_match_cold_requests_and_decode_less() {
             rel <= 5e-3,
             "tap {n}: scores differ from a cold request by {rel}"
         );
-        assert!(cos >= 0.9999, "tap {n}: hidden cosine {cos} to a cold request");
+        assert!(
+            cos >= 0.9999,
+            "tap {n}: hidden cosine {cos} to a cold request"
+        );
         let exclude: HashSet<u64> = history.iter().copied().collect();
         let a: Vec<u64> = rec
             .top_k(&user, 10, None, &exclude)
