@@ -592,11 +592,12 @@ pub fn encode_safetensors(
     Ok(safetensors::serialize(views, None)?)
 }
 
-/// A tiny seeded generator (SplitMix64): reproducible weights without another dependency.
-struct SplitMix64(u64);
+/// A tiny seeded generator (SplitMix64): reproducible weights (and synthetic catalogs) without
+/// another dependency.
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -605,7 +606,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in [-bound, bound).
-    fn uniform(&mut self, bound: f64) -> f32 {
+    pub(crate) fn uniform(&mut self, bound: f64) -> f32 {
         let unit = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
         ((unit * 2.0 - 1.0) * bound) as f32
     }

@@ -4,6 +4,7 @@
 //! same run. Measurements only: nothing here prints, nothing is asserted about time.
 
 use crate::bank::{write_bank, Bank, BankRows, Modality};
+use crate::heads::SplitMix64;
 use crate::item_vectors::{cache_file_name, write_cache, Expect, ItemVectors};
 use crate::rank::Scored;
 use crate::verified::{Stamps, RACY_SECS};
@@ -84,21 +85,6 @@ pub struct Report {
     pub top_k_matches_full_sort: bool,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
-
 const MODALITIES: [Modality; 3] = [Modality::Img, Modality::Cf, Modality::Text];
 
 fn ids(n: usize) -> Vec<u64> {
@@ -137,10 +123,10 @@ struct Files {
 /// Writes the bank and the cache of a catalog of `n` items into `dir`.
 fn write_files(dir: &Path, spec: &Spec, n: usize) -> Result<Files> {
     let ids = ids(n);
-    let mut rng = Rng(spec.seed ^ n as u64);
+    let mut rng = SplitMix64(spec.seed ^ n as u64);
     let bank = dir.join(format!("synthetic-{n}.bank"));
     let mut rows = vec![f16::ZERO; n * spec.bank_dim];
-    let wide: Vec<f32> = (0..rows.len()).map(|_| rng.unit()).collect();
+    let wide: Vec<f32> = (0..rows.len()).map(|_| rng.uniform(1.0)).collect();
     rows.convert_from_f32_slice(&wide);
     drop(wide);
     write_bank(
@@ -161,7 +147,7 @@ fn write_files(dir: &Path, spec: &Spec, n: usize) -> Result<Files> {
             let present = masks[i] & (1 << s) != 0;
             chunk
                 .iter_mut()
-                .for_each(|v| *v = if present { rng.unit() * 0.2 } else { 0.0 });
+                .for_each(|v| *v = if present { rng.uniform(1.0) * 0.2 } else { 0.0 });
         }
         row.convert_from_f32_slice(&wide);
         Ok(())
@@ -283,7 +269,7 @@ pub fn run(dir: &Path, spec: &Spec) -> Result<Report> {
 
     let v = open_cache(&files, spec, spec.items, &stamps)?;
     let rss_after_open_mib = rss_mib();
-    let mut rng = Rng(spec.seed.wrapping_add(77));
+    let mut rng = SplitMix64(spec.seed.wrapping_add(77));
     let all_ids = v.ids();
     let mut user_ms = Vec::new();
     let mut first_user_ms = 0.0;
@@ -291,7 +277,7 @@ pub fn run(dir: &Path, spec: &Spec) -> Result<Report> {
     // One untimed-for-the-median first user (it maps the file's pages), then `users` timed.
     for u in 0..=spec.users {
         let user: Vec<Vec<f32>> = (0..spec.modalities)
-            .map(|_| (0..spec.dim).map(|_| rng.unit()).collect())
+            .map(|_| (0..spec.dim).map(|_| rng.uniform(1.0)).collect())
             .collect();
         let exclude: HashSet<u64> = (0..spec.exclude)
             .map(|_| all_ids[rng.next() as usize % all_ids.len()])

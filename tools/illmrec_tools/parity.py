@@ -124,8 +124,9 @@ class Reference:
         self.modalities = sorted(self.cfg["item_dims"])
         self.model, self.tok, self.max_history = model, tok, max_history
 
-    def _mlp(self, prefix, x):
-        w, eps = self.w, self.cfg.get("head_ln_eps", 1e-5)
+    def _mlp(self, prefix, x, w=None):
+        """A head's MLP over `x`, with the bundle's weights (float64) or the given copy of them."""
+        w, eps = self.w if w is None else w, self.cfg.get("head_ln_eps", 1e-5)
         h = F.linear(x, w[f"{prefix}.mlp.0.weight"], w[f"{prefix}.mlp.0.bias"])
         h = F.layer_norm(h, h.shape[-1:], w[f"{prefix}.mlp.1.weight"], w[f"{prefix}.mlp.1.bias"], eps)
         return F.linear(h.relu(), w[f"{prefix}.mlp.3.weight"], w[f"{prefix}.mlp.3.bias"])

@@ -77,16 +77,10 @@ class TorchScorer:
         self.count = torch.stack(present).sum(0).clamp(min=1).float()
         self.w = {k: v.float() for k, v in ref.w.items()}
 
-    def mlp(self, prefix, x):
-        w, eps = self.w, self.ref.cfg.get("head_ln_eps", 1e-5)
-        h = torch.nn.functional.linear(x, w[f"{prefix}.mlp.0.weight"], w[f"{prefix}.mlp.0.bias"])
-        h = torch.nn.functional.layer_norm(h, h.shape[-1:], w[f"{prefix}.mlp.1.weight"], w[f"{prefix}.mlp.1.bias"], eps)
-        return torch.nn.functional.linear(h.relu(), w[f"{prefix}.mlp.3.weight"], w[f"{prefix}.mlp.3.bias"])
-
     @torch.inference_mode()
     def request(self, history):
         h = self.ref.hidden(history).float()
-        scores = sum(v @ self.mlp(f"f_u_{m}", h) for m, v in zip(self.ref.modalities, self.vectors)) / self.count
+        scores = sum(v @ self.ref._mlp(f"f_u_{m}", h, self.w) for m, v in zip(self.ref.modalities, self.vectors)) / self.count
         seen = torch.isin(self.ids, torch.tensor(history))
         return self.ids[scores.masked_fill(seen, float("-inf")).topk(10).indices]
 
