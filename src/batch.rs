@@ -61,12 +61,56 @@ pub fn check_line(rec: &Recommender, u: &ScoreLine) -> Result<()> {
 pub fn score_user(rec: &mut Recommender, u: &ScoreLine, s: ScoreSettings) -> Result<ScoreRecord> {
     check_line(rec, u)?;
     let user = rec.encode_user(&u.history)?;
+    record(rec, u, s, &user)
+}
+
+/// [`score_user`] for several lines, their LLM prompts decoded together `per_call` users at a
+/// time ([`Recommender::encode_users`]); one result per line, in order, each line's error its
+/// own. With `per_call` 1 each result is exactly `score_user`'s; with more, each user's scores
+/// equal it within llama.cpp's batch-shape noise.
+pub fn score_users(
+    rec: &mut Recommender,
+    lines: &[ScoreLine],
+    s: ScoreSettings,
+    per_call: usize,
+) -> Vec<Result<ScoreRecord>> {
+    if per_call <= 1 {
+        return lines.iter().map(|u| score_user(rec, u, s)).collect();
+    }
+    let checked: Vec<Result<()>> = lines.iter().map(|u| check_line(rec, u)).collect();
+    let ok: Vec<&ScoreLine> = lines
+        .iter()
+        .zip(&checked)
+        .filter(|(_, c)| c.is_ok())
+        .map(|(u, _)| u)
+        .collect();
+    let histories: Vec<&[u64]> = ok.iter().map(|u| u.history.as_slice()).collect();
+    let mut users = rec.encode_users(&histories, per_call).into_iter();
+    lines
+        .iter()
+        .zip(checked)
+        .map(|(u, checked)| {
+            checked?;
+            let user = users.next().expect("one user per checked line")?;
+            record(rec, u, s, &user)
+        })
+        .collect()
+}
+
+/// The record of a user line whose history is encoded: its top-k over its candidates or the
+/// catalog (history items excluded unless `include_seen`).
+fn record(
+    rec: &Recommender,
+    u: &ScoreLine,
+    s: ScoreSettings,
+    user: &crate::recommender::UserVector,
+) -> Result<ScoreRecord> {
     let exclude: HashSet<u64> = match s.include_seen {
         true => HashSet::new(),
         false => u.history.iter().copied().collect(),
     };
     let items = rec.top_k(
-        &user,
+        user,
         u.top_k.unwrap_or(s.top_k),
         u.candidates.as_deref(),
         &exclude,

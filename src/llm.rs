@@ -9,6 +9,8 @@
 //! - [`Context::last_hidden`]: run a sequence of token and embedding inputs and return the final
 //!   hidden state (after the final norm) at the last position only, reusing a cached prefix from
 //!   the KV cache when the sequence starts with it;
+//! - [`Context::many_hidden`]: the same for several prompts (users) decoded together, one
+//!   sequence each, in shared llama.cpp batches;
 //! - [`Context::session_hidden`]: the same, continuing from a saved KV state of an earlier
 //!   prompt that shares its start (kiosk sessions), and saving the state for the next one;
 //! - [`quantize`]: llama.cpp's model quantizer.
@@ -683,6 +685,47 @@ impl ContextOptions {
     }
 }
 
+/// KV cells that several prompts decoded together hold at once: the cached prefix plus each
+/// prompt's positions after the part it shares with the prefix (those cells are shared).
+pub fn kv_cells_needed(prefix: usize, lens: &[usize], shared: &[usize]) -> usize {
+    prefix
+        + lens
+            .iter()
+            .zip(shared.iter().chain(std::iter::repeat(&0)))
+            .map(|(&n, &s)| n - s.min(n))
+            .sum::<usize>()
+}
+
+/// Splits prompts (in order) into consecutive groups for [`Context::many_hidden`]: each group
+/// holds at most `per_call` prompts (and at most [`MAX_BRANCHES`]) whose KV cells fit `n_ctx`
+/// together; a prompt that fits only alone is a group of its own. `shared[k]` is how many of
+/// prompt k's leading positions come from the cached prefix of `prefix` positions.
+pub fn group_prompts(
+    lens: &[usize],
+    shared: &[usize],
+    prefix: usize,
+    n_ctx: usize,
+    per_call: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let per_call = per_call.clamp(1, MAX_BRANCHES);
+    let mut groups = Vec::new();
+    let mut start = 0;
+    let mut cells = prefix;
+    for (k, (&n, &s)) in lens.iter().zip(shared).enumerate() {
+        let own = n - s.min(n);
+        if k > start && (k - start == per_call || cells + own > n_ctx) {
+            groups.push(start..k);
+            start = k;
+            cells = prefix;
+        }
+        cells += own;
+    }
+    if start < lens.len() {
+        groups.push(start..lens.len());
+    }
+    groups
+}
+
 /// One position of the LLM input: a vocabulary token or a vector in the input-embedding space.
 #[derive(Clone, Copy, Debug)]
 pub enum Input<'a> {
@@ -1006,6 +1049,99 @@ impl Context {
         // SAFETY: as above; frees the request's cells whatever happened.
         unsafe {
             for s in std::iter::once(WORK_SEQ).chain(seqs) {
+                sys::llama_memory_seq_rm(mem, s, -1, -1);
+            }
+        }
+        let hidden = result?;
+        ensure!(
+            hidden.iter().flatten().all(|x| x.is_finite()),
+            "the model produced a non-finite hidden state"
+        );
+        Ok(hidden)
+    }
+
+    /// Final hidden states at the end of several independent prompts (several users), decoded
+    /// together: request k runs on a sequence of its own, starting from the cached prefix's KV
+    /// cells where it begins with them and `reuse_prefix` is set (one shared copy of the prefix,
+    /// no recomputation), and all requests' remaining positions share llama.cpp batches of up to
+    /// n_batch positions; the last position of each is an output. Returns one hidden state per
+    /// request, in order. Up to [`MAX_BRANCHES`] requests whose positions fit the context
+    /// together (see [`group_prompts`]).
+    ///
+    /// Each state equals its request's [`Context::last_hidden`] within llama.cpp's batch-shape
+    /// noise (the positions are summed in other batch shapes), not bit for bit.
+    pub fn many_hidden(
+        &mut self,
+        requests: &[&[Input]],
+        reuse_prefix: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        ensure!(
+            !requests.is_empty() && requests.len() <= MAX_BRANCHES,
+            "between 1 and {MAX_BRANCHES} requests per call, not {}",
+            requests.len()
+        );
+        for inputs in requests {
+            ensure!(!inputs.is_empty(), "empty input");
+            for input in inputs.iter() {
+                self.check_input(input)?;
+            }
+        }
+        let lens: Vec<usize> = requests.iter().map(|r| r.len()).collect();
+        let shared: Vec<usize> = requests
+            .iter()
+            .map(|r| match reuse_prefix {
+                true => self.shared_prefix_len(r),
+                false => 0,
+            })
+            .collect();
+        let needed = kv_cells_needed(self.prefix.len(), &lens, &shared);
+        ensure!(
+            needed <= self.n_ctx,
+            "{} prompts of {} positions in all need {needed} KV cells, the context has {}; raise --ctx or batch fewer users",
+            requests.len(),
+            lens.iter().sum::<usize>(),
+            self.n_ctx
+        );
+        let mem = self.memory();
+        let seqs = FIRST_BRANCH_SEQ..FIRST_BRANCH_SEQ + requests.len() as i32;
+        // SAFETY: valid memory handle and sequence ids below n_seq_max.
+        unsafe {
+            for (seq, &n) in seqs.clone().zip(&shared) {
+                sys::llama_memory_seq_rm(mem, seq, -1, -1);
+                if n > 0 {
+                    sys::llama_memory_seq_cp(mem, PREFIX_SEQ, seq, 0, n as i32);
+                }
+            }
+        }
+        let result = (|| {
+            let body: Vec<Entry> =
+                seqs.clone()
+                    .zip(requests.iter().zip(&shared))
+                    .flat_map(|(seq, (inputs, &start))| {
+                        inputs[start..inputs.len() - 1].iter().enumerate().map(
+                            move |(j, &input)| Entry {
+                                input,
+                                seq,
+                                pos: start + j,
+                            },
+                        )
+                    })
+                    .collect();
+            self.decode_entries(&body, false)?;
+            let last: Vec<Entry> = seqs
+                .clone()
+                .zip(requests)
+                .map(|(seq, inputs)| Entry {
+                    input: inputs[inputs.len() - 1],
+                    seq,
+                    pos: inputs.len() - 1,
+                })
+                .collect();
+            self.decode_entries(&last, true)
+        })();
+        // SAFETY: as above; frees the requests' cells whatever happened.
+        unsafe {
+            for s in seqs {
                 sys::llama_memory_seq_rm(mem, s, -1, -1);
             }
         }
@@ -1345,4 +1481,35 @@ pub fn supports_gpu_offload() -> bool {
     backend();
     // SAFETY: plain query.
     unsafe { sys::llama_supports_gpu_offload() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_grouped_in_order_within_the_context_and_the_call_size() {
+        // prefix 10, context 100: own cells are n - shared.
+        let lens = [30, 30, 30, 30, 95, 5];
+        let shared = [10, 10, 10, 10, 10, 0];
+        // 10 + 4 × 20 = 90 fit; 85 more do not; 85 alone fits (10 + 85 = 95); then 5.
+        assert_eq!(
+            group_prompts(&lens, &shared, 10, 100, 8),
+            vec![0..4, 4..5, 5..6]
+        );
+        assert_eq!(
+            group_prompts(&lens, &shared, 10, 100, 2),
+            vec![0..2, 2..4, 4..5, 5..6]
+        );
+        assert_eq!(group_prompts(&lens, &shared, 10, 100, 1).len(), lens.len());
+        // per_call is capped at MAX_BRANCHES and at least 1.
+        let many = vec![1; 40];
+        let zero = vec![0; 40];
+        let g = group_prompts(&many, &zero, 0, 10_000, 100);
+        assert!(g.iter().all(|r| r.len() <= MAX_BRANCHES));
+        assert_eq!(g.iter().map(|r| r.len()).sum::<usize>(), 40);
+        assert_eq!(group_prompts(&many, &zero, 0, 10_000, 0).len(), 40);
+        assert!(group_prompts(&[], &[], 0, 100, 4).is_empty());
+        assert_eq!(kv_cells_needed(10, &[30, 30], &[10, 0]), 10 + 20 + 30);
+    }
 }

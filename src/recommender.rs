@@ -555,6 +555,104 @@ impl Recommender {
         })
     }
 
+    /// [`Recommender::encode_user`] for several histories, decoded together: up to `per_call`
+    /// users per llama.cpp call sequence (each on a sequence of its own sharing the cached
+    /// prefix; as many as fit the context, see [`crate::llm::group_prompts`]). Results are per
+    /// history, in order; a history that cannot be prompted gets its own error and does not stop
+    /// the others, and a group whose decode fails is retried one user at a time so that the error
+    /// lands on the user that caused it. With `per_call` 1 this is `encode_user` on each.
+    ///
+    /// A batched state equals `encode_user`'s within llama.cpp's batch-shape noise.
+    pub fn encode_users(
+        &mut self,
+        histories: &[&[u64]],
+        per_call: usize,
+    ) -> Vec<RequestResult<UserVector>> {
+        if per_call <= 1 {
+            return histories.iter().map(|h| self.encode_user(h)).collect();
+        }
+        let mut results: Vec<Option<RequestResult<UserVector>>> =
+            (0..histories.len()).map(|_| None).collect();
+        // Prompted users: (index, segments, used ids, dropped count).
+        let mut prompted = Vec::new();
+        for (k, h) in histories.iter().enumerate() {
+            match self.prompt(h) {
+                Ok((segments, used, dropped)) => prompted.push((k, segments, used, dropped)),
+                Err(e) => results[k] = Some(Err(e)),
+            }
+        }
+        let mut ready = Vec::new(); // (index in `prompted`, inputs)
+        for (j, (k, segments, _, _)) in prompted.iter().enumerate() {
+            match tokenize(self.model(), segments) {
+                Ok(pieces) => ready.push((j, pieces)),
+                Err(e) => results[*k] = Some(Err(e.into())),
+            }
+        }
+        let inputs: Vec<Vec<Input>> = ready
+            .iter()
+            .map(|(_, pieces)| pieces.iter().flat_map(|p| p.inputs()).collect())
+            .collect();
+        let lens: Vec<usize> = inputs.iter().map(Vec::len).collect();
+        let shared: Vec<usize> = inputs
+            .iter()
+            .map(|i| match self.reuse_prefix {
+                true => self.ctx.shared_prefix_len(i),
+                false => 0,
+            })
+            .collect();
+        let groups = crate::llm::group_prompts(
+            &lens,
+            &shared,
+            self.ctx.prefix().len(),
+            self.ctx.n_ctx(),
+            per_call,
+        );
+        let mut hidden: Vec<Option<Result<Vec<f32>>>> = (0..inputs.len()).map(|_| None).collect();
+        for group in groups {
+            let batch: Vec<&[Input]> = inputs[group.clone()].iter().map(Vec::as_slice).collect();
+            let states = match batch.len() {
+                1 => self
+                    .ctx
+                    .last_hidden(batch[0], self.reuse_prefix)
+                    .map(|h| vec![h]),
+                _ => self.ctx.many_hidden(&batch, self.reuse_prefix),
+            };
+            match states {
+                Ok(states) => {
+                    for (r, h) in group.zip(states) {
+                        hidden[r] = Some(Ok(h));
+                    }
+                }
+                // One at a time, so that each user gets its own answer or error.
+                Err(_) => {
+                    for (r, one) in group.zip(batch) {
+                        hidden[r] = Some(self.ctx.last_hidden(one, self.reuse_prefix));
+                    }
+                }
+            }
+        }
+        for (((j, _), hidden), inputs) in ready.iter().zip(hidden).zip(&inputs) {
+            let (k, _, used, dropped) = &prompted[*j];
+            let user = hidden
+                .expect("every tokenized prompt was decoded")
+                .map_err(RequestError::from)
+                .and_then(|hidden| {
+                    Ok(UserVector {
+                        vectors: self.user_vectors(&hidden)?,
+                        hidden,
+                        used: used.clone(),
+                        dropped_for_context: *dropped,
+                        prompt_positions: inputs.len(),
+                    })
+                });
+            results[*k] = Some(user);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every history has a result"))
+            .collect()
+    }
+
     /// Like [`Recommender::encode_user`] for a kiosk session's history, continuing from the
     /// session's saved KV state where the new prompt shares its start with the last one (a tap
     /// that adds an item decodes that item, the closing text and `[REC]`), and saving the state

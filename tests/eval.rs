@@ -89,6 +89,53 @@ fn resumed_eval_equals_an_uninterrupted_one() {
 }
 
 #[test]
+fn users_decoded_together_rank_as_one_at_a_time() {
+    let (dir, bundle, dataset, _) = setup();
+    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let ranks = |name: &str, per_call: &str| -> Vec<serde_json::Value> {
+        let out = s(&dir.join(name));
+        illmrec_ok(&[
+            "eval",
+            "--bundle",
+            &s(bundle),
+            "--dataset",
+            &s(dataset),
+            "--split",
+            "test",
+            "--threads",
+            "2",
+            "--batch-users",
+            per_call,
+            "--out",
+            &out,
+        ]);
+        std::fs::read_to_string(dir.join(name).join("ranks.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (one, four) = (ranks("one-at-a-time", "1"), ranks("four-per-call", "4"));
+    assert_eq!(one.len(), 6);
+    let users = |r: &[serde_json::Value]| r.iter().map(|x| x["user"].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        users(&one),
+        users(&four),
+        "the same users in the same order"
+    );
+    // Float noise may swap candidates whose scores are within ~1e-3 of each other.
+    let same = one
+        .iter()
+        .zip(&four)
+        .filter(|(a, b)| a["rank"] == b["rank"])
+        .count();
+    assert!(same >= 5, "{one:?} vs {four:?}");
+    for (a, b) in one.iter().zip(&four) {
+        assert!((a["rank"].as_i64().unwrap() - b["rank"].as_i64().unwrap()).abs() <= 2);
+    }
+}
+
+#[test]
 fn reference_rankers_run_without_a_bundle() {
     let (dir, _, dataset, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();

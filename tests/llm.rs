@@ -1,5 +1,6 @@
 //! The engine on the real default model (Gemma 3 270M, f32): embedding injection is
-//! equivalent to the token it replaces, and prefix reuse equals a fresh prefill.
+//! equivalent to the token it replaces, prefix reuse equals a fresh prefill, and prompts decoded
+//! together equal each decoded alone.
 
 mod common;
 
@@ -183,6 +184,79 @@ fn prefix_reuse_equals_a_fresh_prefill() {
     let mut new_ctx = context(&model);
     new_ctx.set_prefix(&prefix).unwrap();
     assert_eq!(a, new_ctx.last_hidden(&other, true).unwrap());
+}
+
+#[test]
+fn several_prompts_decoded_together_equal_each_alone() {
+    let model = model();
+    let prefix = model
+        .tokenize(
+            "Your job is to recommend a suitable next item based on a user's interacted items.",
+            true,
+        )
+        .unwrap();
+    let vector = illmrec_test_vector();
+    let titles = [
+        " This user liked {Title: Heat (1995), Visual representation: ",
+        " This user liked {Title: Toy Story (1995), Visual representation: ",
+        " This user liked {Title: Fargo (1996), Visual representation: ",
+    ];
+    let mut requests: Vec<Vec<Input>> = titles
+        .iter()
+        .map(|t| {
+            let mut inputs: Vec<Input> = prefix.iter().map(|&t| Input::Token(t)).collect();
+            inputs.extend(
+                model
+                    .tokenize(t, false)
+                    .unwrap()
+                    .into_iter()
+                    .map(Input::Token),
+            );
+            inputs.push(Input::Embedding(&vector));
+            inputs
+        })
+        .collect();
+    // One request that does not start with the cached prefix.
+    requests.push(
+        model
+            .tokenize("Something else entirely", true)
+            .unwrap()
+            .into_iter()
+            .map(Input::Token)
+            .collect(),
+    );
+    let slices: Vec<&[Input]> = requests.iter().map(Vec::as_slice).collect();
+    let mut ctx = context(&model);
+    ctx.set_prefix(&prefix).unwrap();
+    let alone: Vec<Vec<f32>> = slices
+        .iter()
+        .map(|r| ctx.last_hidden(r, true).unwrap())
+        .collect();
+    let together = ctx.many_hidden(&slices, true).unwrap();
+    assert_eq!(together.len(), slices.len());
+    for (k, (a, t)) in alone.iter().zip(&together).enumerate() {
+        println!(
+            "request {k}: cos {}, max abs diff {} of {}",
+            cosine(a, t),
+            max_abs_diff(a, t),
+            max_abs(a)
+        );
+        assert!(
+            max_abs_diff(a, t) <= 1e-3 * max_abs(a) && cosine(a, t) > 0.9999,
+            "request {k} decoded with others differs from alone: max abs diff {}",
+            max_abs_diff(a, t)
+        );
+    }
+    // Distinct requests give distinct states (not one state copied to every output).
+    assert!(max_abs_diff(&together[0], &together[1]) > 1e-2);
+    // The cache is left as found: a request alone afterwards gives the same state as before.
+    assert_eq!(ctx.last_hidden(slices[0], true).unwrap(), alone[0]);
+    // Too many positions for the context together: an error, not an abort; then still usable.
+    let many: Vec<&[Input]> = std::iter::repeat_n(slices[0], 16).collect();
+    let err = ctx.many_hidden(&many, false).unwrap_err().to_string();
+    assert!(err.contains("raise --ctx"), "{err}");
+    assert!(ctx.many_hidden(&[], true).is_err());
+    assert_eq!(ctx.many_hidden(&slices[..1], false).unwrap().len(), 1);
 }
 
 fn illmrec_test_vector() -> Vec<f32> {

@@ -1,6 +1,7 @@
 //! The streaming `score`: `kill -9` at seeded random points then `--resume` gives exactly the
 //! uninterrupted run's output, with no finished user lost on the way; `--shard I/N` outputs
-//! together are exactly the unsharded output; bad `--shard`/`--resume` uses are clean errors.
+//! together are exactly the unsharded output; bad `--shard`/`--resume` uses are clean errors;
+//! users decoded together (`--batch-users`) get one-at-a-time's records within float noise.
 
 mod common;
 
@@ -183,4 +184,65 @@ fn bad_shards_and_resumes_are_clean_errors() {
     let args = score_args(&input, Path::new("/dev/null"), &["--resume"]);
     let o = common::illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>());
     common::assert_clean_error(&o, "--resume needs a regular output file");
+}
+
+#[test]
+fn users_decoded_together_get_the_records_of_one_at_a_time() {
+    let dir = setup().0.join("batched");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = users(&dir, 11); // line 5 is bad
+    let read = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let one = dir.join("one.jsonl");
+    let args = score_args(&input, &one, &["--batch-users", "1"]);
+    common::illmrec_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let four = dir.join("four.jsonl");
+    let args = score_args(&input, &four, &["--batch-users", "4"]);
+    let o = common::illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains(":5: skipped"), "{stderr}");
+    assert!(stderr.contains("scored 10 users, skipped 1"), "{stderr}");
+    let (a, b) = (read(&one), read(&four));
+    assert_eq!(a.len(), 10);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["user"], y["user"], "records stay in line order");
+        assert_eq!(x["history_used"], y["history_used"]);
+        let items = |r: &serde_json::Value| -> Vec<(u64, f64)> {
+            r["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| (i["id"].as_u64().unwrap(), i["score"].as_f64().unwrap()))
+                .collect()
+        };
+        let (ix, iy) = (items(x), items(y));
+        let top = ix[0].1.abs().max(1e-6);
+        let common_ids = ix
+            .iter()
+            .filter(|(id, _)| iy.iter().any(|(j, _)| j == id))
+            .count();
+        assert!(common_ids >= ix.len() - 1, "{x} vs {y}");
+        for (id, sx) in &ix {
+            if let Some((_, sy)) = iy.iter().find(|(j, _)| j == id) {
+                assert!(
+                    (sx - sy).abs() <= 5e-3 * top,
+                    "user {}: item {id} {sx} alone, {sy} batched",
+                    x["user"]
+                );
+            }
+        }
+    }
+    for bad in ["0", "17", "x"] {
+        let args = score_args(&input, &dir.join("bad.jsonl"), &["--batch-users", bad]);
+        let o = common::illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(o.status.code(), Some(2), "--batch-users {bad}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("batch-users"));
+    }
 }

@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// dataset's items (`image` paths); 0 skips them.
     #[arg(long, default_value_t = 50)]
     images: usize,
+    /// Also time throughput with this many users decoded per llama.cpp call (a list, e.g.
+    /// `1,2,4,8`: each runs every user, in two passes in opposite orders).
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    batch_users: Vec<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -130,6 +134,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             users_per_second: 1e3 / mean,
         });
     }
+    rec.set_request_options(opts.reuse_prefix, opts.prompt_style)?;
+    let batched = batch_timings(
+        &mut rec,
+        &known[a.warmup.min(known.len())..],
+        &a.batch_users,
+    )?;
     let encoding = image_timings(&a.dataset, a.images)?;
     let items_per_user = items[0] as f64 / times[0].len().max(1) as f64;
     let per_item_image_ms = rows.first().map(|r| r.mean_ms / items_per_user);
@@ -143,6 +153,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "rss_after_open_mib": rss_after_open / 1024.0,
         "peak_rss_mib": memory_kib("VmHWM") / 1024.0,
         "rows": rows,
+        "batched": batched,
         "image_encoding": encoding,
     });
     if a.json {
@@ -174,6 +185,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.mean_ms / base
         );
     }
+    if !batched.is_empty() {
+        println!("\n| users per llama.cpp call | users | seconds | users/s | vs one at a time |");
+        println!("|---|---|---|---|---|");
+        let one = batched
+            .iter()
+            .find(|b| b.per_call == 1)
+            .map(|b| b.users_per_second);
+        for b in &batched {
+            println!(
+                "| {} | {} | {:.2} | {:.3} | {} |",
+                b.per_call,
+                b.users,
+                b.seconds,
+                b.users_per_second,
+                one.map_or("—".into(), |o| format!("{:.2}×", b.users_per_second / o))
+            );
+        }
+    }
     if !encoding.is_empty() {
         println!("\n| image encoding (decode + resize + MobileNet) | images | threads | ms / image | images/s |");
         println!("|---|---|---|---|---|");
@@ -195,6 +224,57 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct BatchRow {
+    per_call: usize,
+    users: usize,
+    seconds: f64,
+    users_per_second: f64,
+}
+
+/// Throughput of whole requests (prompt, LLM, heads, top-10) with `per_call` users decoded per
+/// llama.cpp call ([`illmrec::recommender::Recommender::encode_users`]), on the recommender's
+/// configured prompt and prefix cache. Every setting runs every user twice, in two passes over
+/// the settings in opposite orders, so that load that comes and goes weighs on all alike.
+fn batch_timings(
+    rec: &mut illmrec::recommender::Recommender,
+    cases: &[&illmrec::eval::Case],
+    settings: &[usize],
+) -> Result<Vec<BatchRow>> {
+    ensure!(
+        settings
+            .iter()
+            .all(|&b| (1..=illmrec::llm::MAX_BRANCHES).contains(&b)),
+        "--batch-users takes 1 to {} users per call",
+        illmrec::llm::MAX_BRANCHES
+    );
+    let mut seconds = vec![0.0; settings.len()];
+    let order: Vec<usize> = (0..settings.len())
+        .chain((0..settings.len()).rev())
+        .collect();
+    for s in order {
+        let t = Instant::now();
+        for chunk in cases.chunks(settings[s]) {
+            let histories: Vec<&[u64]> = chunk.iter().map(|c| c.history.as_slice()).collect();
+            for (case, user) in chunk.iter().zip(rec.encode_users(&histories, settings[s])) {
+                let exclude: HashSet<u64> = case.history.iter().copied().collect();
+                std::hint::black_box(rec.top_k(&user?, 10, None, &exclude)?);
+            }
+        }
+        seconds[s] += t.elapsed().as_secs_f64();
+    }
+    Ok(settings
+        .iter()
+        .zip(seconds)
+        .map(|(&per_call, seconds)| BatchRow {
+            per_call,
+            users: 2 * cases.len(),
+            seconds,
+            users_per_second: (2 * cases.len()) as f64 / seconds,
+        })
+        .collect())
 }
 
 #[derive(serde::Serialize)]

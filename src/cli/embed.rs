@@ -7,7 +7,7 @@
 //! resumable: rows go to `OUT.partial` and are synced every few seconds; re-running the same
 //! command continues after the last whole line.
 
-use super::RuntimeArgs;
+use super::{BatchArgs, RuntimeArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use illmrec::jsonl::{self, HistoryLine};
@@ -23,6 +23,10 @@ pub struct EmbedArgs {
     bundle: PathBuf,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    /// Users decoded together per llama.cpp call (not with --prefixes, whose windows already
+    /// decode up to 16 prefixes together).
+    #[command(flatten)]
+    batch: BatchArgs,
     /// JSON-lines input, one history per line.
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
@@ -48,6 +52,10 @@ fn user_path(output: &Path) -> PathBuf {
 }
 
 pub fn run(a: EmbedArgs) -> Result<()> {
+    let per_call = match a.prefixes {
+        true => 1,
+        false => a.batch.per_call()?,
+    };
     // First pass: every line parses, and how many rows each gives.
     let mut per_line = Vec::new();
     for line in jsonl::open(&a.input)? {
@@ -69,7 +77,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let n_embd = rec.model().n_embd();
     let user_cols = rec.modalities().len() * rec.heads.config.proj_dim;
     let mut hidden = RowWriter::open(&a.output, n, n_embd, !a.restart)?;
-    let mut user = match a.user_vectors {
+    let mut user_writer = match a.user_vectors {
         true => Some(RowWriter::open(
             &user_path(&a.output),
             n,
@@ -79,7 +87,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         false => None,
     };
     // Resume after the last line whose rows are all in both files.
-    let have = user
+    let have = user_writer
         .as_ref()
         .map_or(hidden.done(), |u| u.done().min(hidden.done()));
     let (mut lines_done, mut rows_done) = (0, 0);
@@ -88,7 +96,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         lines_done += 1;
     }
     hidden.truncate(rows_done)?;
-    if let Some(u) = user.as_mut() {
+    if let Some(u) = user_writer.as_mut() {
         u.truncate(rows_done)?;
     }
     if rows_done > 0 {
@@ -104,53 +112,81 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} states  {per_sec}  ETA {eta}").unwrap(),
     );
     let mut last_sync = Instant::now();
-    for line in jsonl::open(&a.input)?.skip(lines_done) {
-        let line = line.with_context(|| format!("cannot read {}", a.input.display()))?;
-        let result = (|| -> Result<usize> {
-            let h: HistoryLine = line.parse()?;
-            if a.prefixes {
-                let states = rec.encode_prefixes(&h.history)?;
-                for state in &states {
-                    hidden.push(state)?;
-                    if let Some(w) = user.as_mut() {
-                        w.push(&rec.user_vectors(state)?.concat())?;
-                    }
+    // Lines are taken `per_call` at a time (one with --prefixes); a group's rows are written in
+    // line order, and a bad line stops the run after the rows of the lines before it.
+    let lines = jsonl::open(&a.input)?.skip(lines_done);
+    let mut group: Vec<jsonl::Line> = Vec::new();
+    let mut lines = lines.peekable();
+    while lines.peek().is_some() {
+        group.clear();
+        while group.len() < per_call {
+            match lines.next() {
+                Some(line) => {
+                    group.push(line.with_context(|| format!("cannot read {}", a.input.display()))?)
                 }
-                Ok(states.len())
-            } else {
-                let u = rec.encode_user(&h.history)?;
-                hidden.push(&u.hidden)?;
-                if let Some(w) = user.as_mut() {
-                    w.push(&u.vectors.concat())?;
-                }
-                Ok(1)
+                None => break,
             }
-        })();
-        match result {
-            Ok(rows) => bar.inc(rows as u64),
-            Err(e) => {
-                bar.abandon();
-                hidden.sync()?;
-                if let Some(w) = user.as_mut() {
-                    w.sync()?;
+        }
+        let parsed: Vec<Result<HistoryLine>> = group.iter().map(|l| l.parse()).collect();
+        let encoded = match a.prefixes {
+            true => Vec::new(),
+            false => {
+                let histories: Vec<&[u64]> = parsed
+                    .iter()
+                    .map(|h| h.as_ref().map_or(&[][..], |h| h.history.as_slice()))
+                    .collect();
+                rec.encode_users(&histories, per_call)
+            }
+        };
+        let mut encoded = encoded.into_iter();
+        for (line, h) in group.iter().zip(parsed) {
+            let user = encoded.next();
+            let result = (|| -> Result<usize> {
+                let h = h?;
+                if a.prefixes {
+                    let states = rec.encode_prefixes(&h.history)?;
+                    for state in &states {
+                        hidden.push(state)?;
+                        if let Some(w) = user_writer.as_mut() {
+                            w.push(&rec.user_vectors(state)?.concat())?;
+                        }
+                    }
+                    Ok(states.len())
+                } else {
+                    let u = user.expect("one encoded user per line")?;
+                    hidden.push(&u.hidden)?;
+                    if let Some(w) = user_writer.as_mut() {
+                        w.push(&u.vectors.concat())?;
+                    }
+                    Ok(1)
                 }
-                return Err(e.context(format!(
-                    "{}:{} (the lines before it are kept; fix it and re-run to continue)",
-                    a.input.display(),
-                    line.number
-                )));
+            })();
+            match result {
+                Ok(rows) => bar.inc(rows as u64),
+                Err(e) => {
+                    bar.abandon();
+                    hidden.sync()?;
+                    if let Some(w) = user_writer.as_mut() {
+                        w.sync()?;
+                    }
+                    return Err(e.context(format!(
+                        "{}:{} (the lines before it are kept; fix it and re-run to continue)",
+                        a.input.display(),
+                        line.number
+                    )));
+                }
             }
         }
         if last_sync.elapsed() > Duration::from_secs(5) {
             hidden.sync()?;
-            if let Some(w) = user.as_mut() {
+            if let Some(w) = user_writer.as_mut() {
                 w.sync()?;
             }
             last_sync = Instant::now();
         }
     }
     bar.finish_and_clear();
-    if let Some(w) = user {
+    if let Some(w) = user_writer {
         w.finish()?;
         eprintln!("wrote {}", user_path(&a.output).display());
     }

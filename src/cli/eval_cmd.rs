@@ -1,6 +1,6 @@
 //! `illmrec eval`: the paper's protocol on a prepared dataset, for a bundle or a reference ranker.
 
-use super::{untrained_warning, RuntimeArgs};
+use super::{untrained_warning, BatchArgs, RuntimeArgs};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use illmrec::eval::{
@@ -57,6 +57,8 @@ pub struct EvalArgs {
     resume: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    #[command(flatten)]
+    batch: BatchArgs,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -88,21 +90,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
         eprintln!("resuming: {} users done, {} to go", done.len(), todo.len());
     }
 
+    let per_call = a.batch.per_call()?;
     let mut scorer = Scorer::new(&a)?;
     let bar = ProgressBar::new(todo.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} users  {per_sec}  ETA {eta}").unwrap(),
     );
     let started = Instant::now();
-    for case in &todo {
-        let scores = scorer.scores(case)?;
-        let rank = rank_of_target(scores[0], &scores[1..]);
-        ranks.append(RankLine {
-            user: case.key(),
-            target: case.target,
-            rank,
-        })?;
-        bar.inc(1);
+    for chunk in todo.chunks(per_call) {
+        for (case, scores) in chunk.iter().zip(scorer.scores(chunk, per_call)?) {
+            let rank = rank_of_target(scores[0], &scores[1..]);
+            ranks.append(RankLine {
+                user: case.key(),
+                target: case.target,
+                rank,
+            })?;
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
@@ -169,36 +173,55 @@ impl Scorer {
         }
     }
 
-    /// Scores of the case's candidates, target first.
-    fn scores(&mut self, case: &illmrec::eval::Case) -> Result<Vec<Option<f32>>> {
-        let candidates = case.candidates();
+    /// Scores of each case's candidates, target first; the LLM decodes `per_call` users together.
+    fn scores(
+        &mut self,
+        cases: &[&illmrec::eval::Case],
+        per_call: usize,
+    ) -> Result<Vec<Vec<Option<f32>>>> {
+        let candidates: Vec<Vec<u64>> = cases.iter().map(|c| c.candidates()).collect();
         Ok(match self {
             Scorer::Llm(rec) => {
-                if let Some(id) = case
-                    .history
-                    .iter()
-                    .chain(&candidates)
-                    .find(|&&id| rec.catalog.get(id).is_none())
-                {
-                    anyhow::bail!(
-                        "user {}: item {id} is not in the bundle's catalog; a bundle is evaluated on a \
-                         dataset prepared for its catalog (for the demo bundle: prepare --dataset \
-                         ml-latest-small --min-item-ratings 20, see the README)",
-                        case.key()
-                    );
+                for (case, candidates) in cases.iter().zip(&candidates) {
+                    if let Some(id) = case
+                        .history
+                        .iter()
+                        .chain(candidates)
+                        .find(|&&id| rec.catalog.get(id).is_none())
+                    {
+                        anyhow::bail!(
+                            "user {}: item {id} is not in the bundle's catalog; a bundle is evaluated on a \
+                             dataset prepared for its catalog (for the demo bundle: prepare --dataset \
+                             ml-latest-small --min-item-ratings 20, see the README)",
+                            case.key()
+                        );
+                    }
                 }
-                let user = rec
-                    .encode_user(&case.history)
-                    .with_context(|| format!("user {}", case.key()))?;
-                rec.score_items(&user, &candidates)?
+                let histories: Vec<&[u64]> = cases.iter().map(|c| c.history.as_slice()).collect();
+                let users = rec.encode_users(&histories, per_call);
+                let mut out = Vec::new();
+                for ((case, candidates), user) in cases.iter().zip(&candidates).zip(users) {
+                    let user = user.with_context(|| format!("user {}", case.key()))?;
+                    out.push(rec.score_items(&user, candidates)?);
+                }
+                out
             }
             Scorer::Popularity(counts) => candidates
                 .iter()
-                .map(|id| Some(counts.get(id).copied().unwrap_or(0.0)))
+                .map(|c| {
+                    c.iter()
+                        .map(|id| Some(counts.get(id).copied().unwrap_or(0.0)))
+                        .collect()
+                })
                 .collect(),
-            Scorer::Random(seed) => candidates
+            Scorer::Random(seed) => cases
                 .iter()
-                .map(|&id| Some(random_score(*seed, &case.key(), id)))
+                .zip(&candidates)
+                .map(|(case, c)| {
+                    c.iter()
+                        .map(|&id| Some(random_score(*seed, &case.key(), id)))
+                        .collect()
+                })
                 .collect(),
         })
     }

@@ -89,6 +89,30 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// How many users `score`, `eval` and `embed` decode per llama.cpp call.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct BatchArgs {
+    /// Users whose prompts are decoded together in one llama.cpp call sequence (one KV sequence
+    /// each, sharing the cached task text), 1 to 16. Scores equal one-at-a-time's within
+    /// llama.cpp's batch-shape noise; see the README's batching table for what it buys.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=illmrec::llm::MAX_BRANCHES as u64))]
+    pub batch_users: usize,
+}
+
+impl BatchArgs {
+    /// The checked number of users per call.
+    pub fn per_call(&self) -> Result<usize> {
+        let max = illmrec::llm::MAX_BRANCHES;
+        anyhow::ensure!(
+            (1..=max).contains(&self.batch_users),
+            "--batch-users {} is out of range: expected 1 to {max}",
+            self.batch_users
+        );
+        Ok(self.batch_users)
+    }
+}
+
 /// Options shared by every command that runs the model.
 #[derive(Args, Clone, Debug)]
 pub struct RuntimeArgs {

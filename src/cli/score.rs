@@ -7,15 +7,17 @@
 //! output (`illmrec::batch`): `--resume` continues a killed run, `--shard I/N` takes every N-th
 //! line. Memory is bounded by the longest line.
 
-use super::{untrained_warning, RuntimeArgs};
+use super::{untrained_warning, BatchArgs, RuntimeArgs};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use illmrec::batch::{self, ResumableOutput, ScoreSettings, Shard};
 use illmrec::fsutil;
 use illmrec::jsonl::{self, ScoreLine};
-use illmrec::recommender::Recommender;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
+
+/// Where records go: `(input line number, record or None for a skipped line)`.
+type Sink<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<()> + 'a;
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -24,6 +26,8 @@ pub struct ScoreArgs {
     bundle: std::path::PathBuf,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    #[command(flatten)]
+    batch: BatchArgs,
     /// JSON-lines input, one user per line.
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
@@ -49,6 +53,7 @@ pub struct ScoreArgs {
 
 pub fn run(a: ScoreArgs) -> Result<()> {
     ensure!(a.top_k >= 1, "--top-k must be at least 1");
+    let per_call = a.batch.per_call()?;
     let settings = ScoreSettings {
         top_k: a.top_k,
         include_seen: a.include_seen,
@@ -90,33 +95,66 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} users  {per_sec}  ETA {eta}").unwrap(),
     );
     let (mut scored, mut skipped) = (0usize, 0usize);
-    let mut each_record = |w: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<()>| -> Result<()> {
+    let mut each_record = |w: &mut Sink| -> Result<()> {
+        // Up to `per_call` taken lines are scored together, then written in line order.
+        let mut pending: Vec<jsonl::Line> = Vec::new();
+        let mut flush = |pending: &mut Vec<jsonl::Line>, w: &mut Sink| -> Result<()> {
+            // A line that does not parse keeps its error; the others are scored together.
+            let mut good: Vec<ScoreLine> = Vec::new();
+            let mut parse_errors = Vec::new();
+            for l in pending.iter() {
+                match l.parse::<ScoreLine>() {
+                    Ok(u) => {
+                        good.push(u);
+                        parse_errors.push(None);
+                    }
+                    Err(e) => parse_errors.push(Some(
+                        e.context("not a valid user line (needs \"history\": [ids])"),
+                    )),
+                }
+            }
+            let mut records = batch::score_users(&mut rec, &good, settings, per_call).into_iter();
+            for (line, parse_error) in pending.drain(..).zip(parse_errors) {
+                let record = match parse_error {
+                    Some(e) => Err(e),
+                    None => records
+                        .next()
+                        .expect("one record per parsed line")
+                        .and_then(|r| Ok(serde_json::to_string(&r)?)),
+                };
+                match record {
+                    Ok(json) => {
+                        w(line.number, Some(json.as_bytes()))?;
+                        scored += 1;
+                    }
+                    Err(e) => {
+                        bar.suspend(|| {
+                            eprintln!(
+                                "{}:{}: skipped: {}",
+                                a.input.display(),
+                                line.number,
+                                format!("{e:#}").replace('\n', " ")
+                            )
+                        });
+                        w(line.number, None)?;
+                        skipped += 1;
+                    }
+                }
+                bar.inc(1);
+            }
+            Ok(())
+        };
         for line in jsonl::open(&a.input)? {
             let line = line.with_context(|| format!("cannot read {}", a.input.display()))?;
             if line.number <= start || !a.shard.takes(line.number) {
                 continue;
             }
-            match score_line(&mut rec, &line, settings) {
-                Ok(json) => {
-                    w(line.number, Some(json.as_bytes()))?;
-                    scored += 1;
-                }
-                Err(e) => {
-                    bar.suspend(|| {
-                        eprintln!(
-                            "{}:{}: skipped: {}",
-                            a.input.display(),
-                            line.number,
-                            format!("{e:#}").replace('\n', " ")
-                        )
-                    });
-                    w(line.number, None)?;
-                    skipped += 1;
-                }
+            pending.push(line);
+            if pending.len() == per_call {
+                flush(&mut pending, w)?;
             }
-            bar.inc(1);
         }
-        Ok(())
+        flush(&mut pending, w)
     };
     match out.as_mut() {
         Some(o) => each_record(&mut |n, r| o.record(n, r))?,
@@ -167,12 +205,6 @@ fn run_key(a: &ScoreArgs, s: ScoreSettings) -> Result<serde_json::Value> {
         "kv_f32": r.kv_f32,
         "flash_attn": format!("{:?}", r.flash_attn),
         "prefix_cache": !r.no_prefix_cache,
+        "batch_users": a.batch.batch_users,
     }))
-}
-
-fn score_line(rec: &mut Recommender, line: &jsonl::Line, s: ScoreSettings) -> Result<String> {
-    let u: ScoreLine = line
-        .parse()
-        .context("not a valid user line (needs \"history\": [ids])")?;
-    Ok(serde_json::to_string(&batch::score_user(rec, &u, s)?)?)
 }
