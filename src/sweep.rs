@@ -157,12 +157,12 @@ pub fn row(length: usize, style: Style, ms: &[f64], positions: &[usize]) -> Opti
 
 /// The histories timed at `length`: the newest `length` items of the first `users` histories
 /// that have that many items, all of them `known` (in the catalog).
-pub fn pick<'a>(
-    histories: &'a [Vec<u64>],
+pub fn pick(
+    histories: &[Vec<u64>],
     length: usize,
     users: usize,
     known: impl Fn(u64) -> bool,
-) -> Vec<&'a [u64]> {
+) -> Vec<&[u64]> {
     histories
         .iter()
         .filter(|h| h.len() >= length)
