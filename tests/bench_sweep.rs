@@ -6,12 +6,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// (work dir, bundle, dataset): the test bundle's items with a description each, and a dataset
 /// of 3 test users whose histories hold only items with an image feature (every third item of
 /// the test bundle has none).
-fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+fn setup() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static S: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
+    S.get_or_init(build)
+}
+
+fn build() -> (PathBuf, PathBuf, PathBuf) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-sweep");
     let _ = std::fs::remove_dir_all(&dir);
     let ids = common::build_bundle(&dir, 24);
     let items: String = std::fs::read_to_string(dir.join("items.jsonl"))
@@ -55,14 +61,14 @@ fn s(p: &Path) -> String {
 
 #[test]
 fn sweep_writes_markdown_csv_json_and_png() {
-    let (dir, bundle, dataset) = setup("bench-sweep");
+    let (dir, bundle, dataset) = setup();
     let out = dir.join("fig3");
     let stdout = common::illmrec_ok(&[
         "bench",
         "--bundle",
-        &s(&bundle),
+        &s(bundle),
         "--dataset",
-        &s(&dataset),
+        &s(dataset),
         "--sweep",
         "2,1",
         "--users",
@@ -170,14 +176,14 @@ fn sweep_writes_markdown_csv_json_and_png() {
 
 #[test]
 fn sweep_refuses_lengths_no_history_has_and_prompts_that_do_not_fit() {
-    let (dir, bundle, dataset) = setup("bench-sweep-errors");
-    let out = s(&dir.join("fig3"));
+    let (dir, bundle, dataset) = setup();
+    let out = s(&dir.join("fig3-refused"));
     let base = [
         "bench",
         "--bundle",
-        &s(&bundle),
+        &s(bundle),
         "--dataset",
-        &s(&dataset),
+        &s(dataset),
         "--users",
         "1",
         "--warmup",
@@ -197,7 +203,10 @@ fn sweep_refuses_lengths_no_history_has_and_prompts_that_do_not_fit() {
         "the description prompt of 3 items does not fit the context of 200 positions",
     );
     common::assert_clean_error(&run(&["--sweep", "3", "--ctx", "80"]), "does not fit");
-    assert!(!dir.join("fig3").exists(), "nothing written on failure");
+    assert!(
+        !dir.join("fig3-refused").exists(),
+        "nothing written on failure"
+    );
     let out = common::illmrec(&["bench", "--bundle", "x", "--dataset", "y", "--sweep", "1"]);
     assert_eq!(out.status.code(), Some(2), "--sweep needs --out");
 }
