@@ -16,6 +16,8 @@
 //! - [`dot16`]: f32 · f16 dot products (the catalog scan's kernel);
 //! - [`verified`]: stamps that let whole-file checks run once per file version;
 //! - [`synthetic`]: a synthetic catalog of N items and its measurements (`bench-catalog`);
+//! - [`sweep`]: the history-length sweep of `bench --sweep` (the paper's Fig. 3) and its
+//!   tables and plot;
 //! - [`batch`]: batch scoring records, `--shard` selection and the resumable output;
 //! - [`recommender`]: everything together;
 //! - [`npy`], [`jsonl`], [`fsutil`]: file helpers;
@@ -42,5 +44,6 @@ pub mod npy;
 pub mod prompt;
 pub mod rank;
 pub mod recommender;
+pub mod sweep;
 pub mod synthetic;
 pub mod verified;

@@ -1,9 +1,11 @@
 //! `illmrec bench`: what a deployment costs, measured in one run on one loaded model: load time,
 //! per-user latency and prompt positions for each way of writing items (image token, title only,
-//! description), the saving of the prefix KV cache, and memory.
+//! description), the saving of the prefix KV cache, and memory. With `--sweep`, the same
+//! measurements against the history length (the paper's Fig. 3, [`illmrec::sweep`]), written as
+//! markdown, CSV, JSON and a PNG plot.
 
 use super::RuntimeArgs;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Args;
 use illmrec::eval::load_split;
 use illmrec::prompt::PromptStyle;
@@ -34,8 +36,17 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
     batch_users: Vec<usize>,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sweep")]
     json: bool,
+    /// Time requests against the history length instead (the paper's Fig. 3): the lengths in
+    /// items, comma-separated (bare: 1 to 20). Each length takes the newest items of the first
+    /// --users test histories that long; image token, title only, description and engine only
+    /// (the image prompt's positions as plain tokens) take turns on each. Needs --out.
+    #[arg(long, value_name = "LENGTHS", num_args = 0..=1, value_delimiter = ',', requires = "out")]
+    sweep: Option<Vec<usize>>,
+    /// Folder for the sweep's fig3.md, fig3.csv, fig3.json and fig3.png (created if missing).
+    #[arg(long, value_name = "DIR", requires = "sweep")]
+    out: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -54,6 +65,9 @@ struct Row {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     ensure!(a.users >= 1, "--users must be at least 1");
+    if let Some(lengths) = &a.sweep {
+        return sweep(&a, lengths);
+    }
     let cases = load_split(&a.dataset, "test")?;
     let t0 = Instant::now();
     let opts = a.runtime.options();
@@ -223,6 +237,62 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `--sweep`: runs [`illmrec::sweep::run`] and writes its four files.
+fn sweep(a: &BenchArgs, lengths: &[usize]) -> Result<()> {
+    use illmrec::sweep;
+    let lengths = match lengths.is_empty() {
+        true => sweep::default_lengths(),
+        false => sweep::check_lengths(lengths)?,
+    };
+    let out = a.out.as_ref().context("--sweep needs --out DIR")?;
+    let histories: Vec<Vec<u64>> = load_split(&a.dataset, "test")?
+        .into_iter()
+        .map(|c| c.history)
+        .collect();
+    let mut opts = a.runtime.options();
+    let longest = *lengths.last().context("no length")?;
+    opts.max_history = opts.max_history.max(longest);
+    let threads = opts.context.n_threads;
+    let mut rec = super::open_recommender(&a.bundle, opts)?;
+    let mut machine = sweep::Machine::detect(&mut rec, threads);
+    let plan = sweep::Plan {
+        lengths,
+        users: a.users,
+        warmup: a.warmup,
+    };
+    let rows = sweep::run(&mut rec, &histories, &plan, &mut |l| {
+        eprintln!("history length {l}…")
+    })?;
+    machine.load_after = sweep::current_load();
+    let report = sweep::Report::new(
+        a.bundle.display().to_string(),
+        a.dataset.display().to_string(),
+        machine,
+        plan,
+        rows,
+    );
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let png = report.png(1200, 480)?;
+    let files: [(&str, Vec<u8>); 4] = [
+        ("fig3.md", report.markdown().into_bytes()),
+        ("fig3.csv", report.csv().into_bytes()),
+        ("fig3.json", serde_json::to_vec_pretty(&report)?),
+        ("fig3.png", png),
+    ];
+    for (name, bytes) in &files {
+        illmrec::fsutil::write_atomic(&out.join(name), |w| Ok(w.write_all(bytes)?))?;
+    }
+    print!("{}", report.markdown());
+    eprintln!(
+        "{} on {} ({} LLM threads); wrote fig3.md, fig3.csv, fig3.json and fig3.png to {}",
+        report.machine.model,
+        report.machine.cpu,
+        threads,
+        out.display()
+    );
     Ok(())
 }
 
