@@ -1490,9 +1490,10 @@ mod tests {
     #[test]
     fn prompts_are_grouped_in_order_within_the_context_and_the_call_size() {
         // prefix 10, context 100: own cells are n - shared.
-        let lens = [30, 30, 30, 30, 95, 5];
+        let lens = [30, 30, 30, 30, 96, 5];
         let shared = [10, 10, 10, 10, 10, 0];
-        // 10 + 4 × 20 = 90 fit; 85 more do not; 85 alone fits (10 + 85 = 95); then 5.
+        // 10 + 4 × 20 = 90 fit; 86 more do not; 86 alone fits (10 + 86 = 96); 5 more do not
+        // (101 > 100): a group of their own.
         assert_eq!(
             group_prompts(&lens, &shared, 10, 100, 8),
             vec![0..4, 4..5, 5..6]
