@@ -11,7 +11,9 @@ item (item vectors projected once beforehand, as the runtime's cache holds them)
         --bundle models/demo-bundle --dataset data/ml-latest-small-demo --users 10 --threads 2
 
 prints a markdown table (and writes --json) with p50/mean per user and each engine's time
-relative to the runtime's image-prompt row of the same run.
+relative to the runtime's image-prompt row of the same run. With `--sweep 1,2,4,...,20` it runs
+`illmrec bench --sweep` (the paper's Fig. 3) and then PyTorch on the same users' newest L items
+at every length L, and prints the runtime, engine-only and PyTorch times per length.
 """
 
 import argparse
@@ -97,6 +99,59 @@ def time_torch(scorer, histories, warmup, bf16):
     return times
 
 
+def pick(histories, length, users, known):
+    """The newest `length` items of the first `users` histories that long whose items are all
+    `known` (as `illmrec bench --sweep`: `illmrec::sweep::pick`)."""
+    out = []
+    for h in histories:
+        if len(h) >= length and all(i in known for i in h[-length:]):
+            out.append(h[-length:])
+            if len(out) == users:
+                break
+    return out
+
+
+def sweep(a, lengths):
+    """`--sweep`: the runtime's Fig. 3 sweep (`illmrec bench --sweep`), then PyTorch float32 and
+    bf16 autocast on the same users' histories at every length, one after the other."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([str(a.bin), "bench", "--bundle", str(a.bundle), "--dataset", str(a.dataset),
+                        "--sweep", ",".join(map(str, lengths)), "--users", str(a.users), "--warmup", str(a.warmup),
+                        "--threads", str(a.threads), "--out", tmp], check=True, capture_output=True, text=True)
+        runtime = json.loads((Path(tmp) / "fig3.json").read_text())
+    ms = {(r["style"], r["length"]): r["mean_ms"] for r in runtime["rows"]}
+    model, tok = load_llm(a.gguf)
+    model.config._attn_implementation = "sdpa"
+    ref = Reference(a.bundle, model, tok, max_history=max(lengths))
+    scorer = TorchScorer(ref)
+    histories = [json.loads(l)["history"] for l in (Path(a.dataset) / "test.jsonl").read_text().splitlines()]
+    known = set(ref.items)
+    rows = []
+    for bf16 in (False, True):  # warm-up at the longest length, untimed
+        time_torch(scorer, pick(histories, max(lengths), max(a.warmup, 1), known), 10 ** 9, bf16)
+    for length in lengths:
+        picked = pick(histories, length, a.users, known)
+        f32 = statistics.fmean(time_torch(scorer, picked, 0, False))
+        bf16 = statistics.fmean(time_torch(scorer, picked, 0, True))
+        image, engine = ms[("image", length)], ms[("engine", length)]
+        rows.append({"length": length, "users": len(picked), "runtime_ms": image, "engine_ms": engine,
+                     "torch_f32_ms": f32, "torch_bf16_ms": bf16, "runtime_vs_torch_f32": image / f32,
+                     "runtime_vs_torch_bf16": image / bf16})
+    report = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__,
+              "runtime_model": runtime["machine"]["model"], "runtime_cpu_build": runtime["machine"]["cpu_build"],
+              "rows": rows}
+    print(f"{report['cpu']}, {a.threads} threads, torch {torch.__version__}, runtime model {report['runtime_model']}\n")
+    print("| items | users | illmrec image token ms | engine only ms | PyTorch f32 ms | PyTorch bf16 ms "
+          "| illmrec / PyTorch f32 | illmrec / PyTorch bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['length']} | {r['users']} | {r['runtime_ms']:.0f} | {r['engine_ms']:.0f} | {r['torch_f32_ms']:.0f} "
+              f"| {r['torch_bf16_ms']:.0f} | {r['runtime_vs_torch_f32']:.2f}× | {r['runtime_vs_torch_bf16']:.2f}× |")
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
@@ -108,8 +163,12 @@ def main(argv=None):
                     help="weights for PyTorch (dequantized; the default model is the same weights in f32)")
     ap.add_argument("--bin", type=Path, default=BIN, help="the illmrec binary to time (e.g. a cpu-variants build)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--sweep", help="history lengths, comma-separated (e.g. 1,2,4,...,20): time the runtime's "
+                                    "`bench --sweep` and PyTorch on the same users at each length instead")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.sweep:
+        return sweep(a, [int(x) for x in a.sweep.split(",")])
 
     runtime = runtime_bench(a.bundle, a.dataset, a.users, a.warmup, a.threads, bin=a.bin)
     model, tok = load_llm(a.gguf)

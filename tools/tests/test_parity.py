@@ -74,3 +74,20 @@ def test_torch_bench_runs(setup, tmp_path):
     assert [r["engine"] for r in rows][-2:] == ["PyTorch float32", "PyTorch bf16 autocast"]
     assert any(r["engine"].startswith("illmrec") for r in rows)
     assert all(r["mean_ms"] > 0 and r["users"] == 1 for r in rows)
+
+
+def test_torch_bench_sweep_runs(setup, tmp_path):
+    """The per-length PyTorch peer (torch_bench --sweep) end to end: one user at lengths 1 and 2,
+    the runtime's image and engine-only rows and both PyTorch rows per length. No timing asserted."""
+    from illmrec_tools import torch_bench
+    bundle = setup[0]
+    out = tmp_path / "sweep.json"
+    torch_bench.main(["--bundle", str(bundle), "--dataset", str(bundle.parent / "ml-latest-small"), "--users", "1",
+                      "--warmup", "0", "--threads", "1", "--gguf", str(parity.model_file("f32")), "--json", str(out),
+                      "--sweep", "1,2"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["length"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["users"] == 1
+        assert all(r[k] > 0 for k in ("runtime_ms", "engine_ms", "torch_f32_ms", "torch_bf16_ms"))
+    assert torch_bench.pick([[1, 2, 3], [4], [5, 6]], 2, 5, {2, 3, 5, 6}) == [[2, 3], [5, 6]]
