@@ -136,6 +136,44 @@ fn users_decoded_together_rank_as_one_at_a_time() {
 }
 
 #[test]
+fn embed_rows_of_users_decoded_together_equal_one_at_a_time() {
+    let (dir, bundle, dataset, _) = setup();
+    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let rows = |name: &str, per_call: &str| -> Vec<f32> {
+        let out = dir.join(name);
+        illmrec_ok(&[
+            "embed",
+            "--bundle",
+            &s(bundle),
+            "--input",
+            &s(&dataset.join("test.jsonl")),
+            "--output",
+            &s(&out),
+            "--threads",
+            "2",
+            "--batch-users",
+            per_call,
+        ]);
+        let bytes = std::fs::read(&out).unwrap();
+        // .npy v1: 10-byte preamble, header length at bytes 8..10, then little-endian f32 rows.
+        let start = 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        bytes[start..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let (one, three) = (rows("embed-1.npy", "1"), rows("embed-3.npy", "3"));
+    assert_eq!(one.len(), 6 * 640);
+    assert_eq!(one.len(), three.len());
+    for (k, (a, b)) in one.chunks(640).zip(three.chunks(640)).enumerate() {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let cos = dot / (norm(a) * norm(b));
+        assert!(cos > 0.9999, "row {k}: cosine {cos}");
+    }
+}
+
+#[test]
 fn reference_rankers_run_without_a_bundle() {
     let (dir, _, dataset, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
