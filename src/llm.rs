@@ -1020,31 +1020,12 @@ impl Context {
                 // SAFETY: as above.
                 unsafe { sys::llama_memory_seq_cp(mem, WORK_SEQ, seq, 0, *cut as i32) };
             }
-            let body: Vec<Entry> = seqs
+            let tails: Vec<(i32, usize, &[Input])> = seqs
                 .clone()
                 .zip(branches)
-                .flat_map(|(seq, (cut, suffix))| {
-                    suffix[..suffix.len() - 1]
-                        .iter()
-                        .enumerate()
-                        .map(move |(j, &input)| Entry {
-                            input,
-                            seq,
-                            pos: cut + j,
-                        })
-                })
+                .map(|(seq, (cut, suffix))| (seq, *cut, suffix.as_slice()))
                 .collect();
-            self.decode_entries(&body, false)?;
-            let last: Vec<Entry> = seqs
-                .clone()
-                .zip(branches)
-                .map(|(seq, (cut, suffix))| Entry {
-                    input: suffix[suffix.len() - 1],
-                    seq,
-                    pos: cut + suffix.len() - 1,
-                })
-                .collect();
-            self.decode_entries(&last, true)
+            self.decode_tails(&tails)
         })();
         // SAFETY: as above; frees the request's cells whatever happened.
         unsafe {
@@ -1114,30 +1095,12 @@ impl Context {
             }
         }
         let result = (|| {
-            let body: Vec<Entry> =
-                seqs.clone()
-                    .zip(requests.iter().zip(&shared))
-                    .flat_map(|(seq, (inputs, &start))| {
-                        inputs[start..inputs.len() - 1].iter().enumerate().map(
-                            move |(j, &input)| Entry {
-                                input,
-                                seq,
-                                pos: start + j,
-                            },
-                        )
-                    })
-                    .collect();
-            self.decode_entries(&body, false)?;
-            let last: Vec<Entry> = seqs
+            let tails: Vec<(i32, usize, &[Input])> = seqs
                 .clone()
-                .zip(requests)
-                .map(|(seq, inputs)| Entry {
-                    input: inputs[inputs.len() - 1],
-                    seq,
-                    pos: inputs.len() - 1,
-                })
+                .zip(requests.iter().zip(&shared))
+                .map(|(seq, (inputs, &start))| (seq, start, &inputs[start..]))
                 .collect();
-            self.decode_entries(&last, true)
+            self.decode_tails(&tails)
         })();
         // SAFETY: as above; frees the requests' cells whatever happened.
         unsafe {
@@ -1277,6 +1240,34 @@ impl Context {
                 Ok(())
             }
         }
+    }
+
+    /// Decodes several sequences' tails together: tail `(seq, pos0, inputs)` continues `seq` at
+    /// position `pos0`. All but the last position of every tail share batches; then the last
+    /// positions are decoded as one output batch, whose hidden states are returned in order.
+    fn decode_tails(&mut self, tails: &[(i32, usize, &[Input])]) -> Result<Vec<Vec<f32>>> {
+        let entry = |seq, pos0: usize, j: usize, input| Entry {
+            input,
+            seq,
+            pos: pos0 + j,
+        };
+        let body: Vec<Entry> = tails
+            .iter()
+            .flat_map(|&(seq, pos0, inputs)| {
+                inputs[..inputs.len() - 1]
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, &input)| entry(seq, pos0, j, input))
+            })
+            .collect();
+        self.decode_entries(&body, false)?;
+        let last: Vec<Entry> = tails
+            .iter()
+            .map(|&(seq, pos0, inputs)| {
+                entry(seq, pos0, inputs.len() - 1, inputs[inputs.len() - 1])
+            })
+            .collect();
+        self.decode_entries(&last, true)
     }
 
     /// Decodes `inputs` at positions `pos0..` on `seq`, in calls of at most n_batch positions.
