@@ -17,6 +17,17 @@ fn copy_if_changed(from: &Path, to: &Path) {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    // ggml's BLAS backend (GGML_BLAS, on by default through .cargo/config.toml; llama-cpp-sys-2
+    // reads the same variable, and turns it off on Apple). In the static build its three
+    // OpenBLAS functions are defined by src/blas.rs, which opens OpenBLAS at run time.
+    println!("cargo:rerun-if-env-changed=GGML_BLAS");
+    println!("cargo::rustc-check-cfg=cfg(illmrec_blas)");
+    let blas = std::env::var("GGML_BLAS")
+        .is_ok_and(|v| matches!(v.to_ascii_uppercase().as_str(), "ON" | "1" | "TRUE" | "YES"));
+    let apple = std::env::var("CARGO_CFG_TARGET_VENDOR").is_ok_and(|v| v == "apple");
+    if blas && !apple && std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_none() {
+        println!("cargo:rustc-cfg=illmrec_blas");
+    }
     if std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_none() {
         return;
     }
@@ -34,7 +45,9 @@ fn main() {
     for e in std::fs::read_dir(&backends).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("libggml-cpu-") && name.ends_with(".so") {
+        // The CPU variants, and the BLAS backend when GGML_BLAS is on (it links OpenBLAS itself).
+        if (name.starts_with("libggml-cpu-") || name == "libggml-blas.so") && name.ends_with(".so")
+        {
             copy_if_changed(&p, &profile_dir.join(&name));
         }
     }

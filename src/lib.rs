@@ -26,6 +26,7 @@
 
 pub mod bank;
 pub mod batch;
+pub mod blas;
 pub mod bundle;
 pub mod catalog;
 pub mod cpu;

@@ -491,6 +491,7 @@ impl Model {
         set_verbose(opts.verbose);
         let info = GgufInfo::read(path)?;
         check_cpu_backend()?;
+        crate::blas::ensure()?;
         let c_path = path_to_cstring(path)?;
         // SAFETY: default params are a valid struct; the path is a valid C string.
         let raw = unsafe {

@@ -485,3 +485,39 @@ fn candidate_scores_do_not_depend_on_excluded_candidates() {
         }
     }
 }
+
+/// The default build multiplies a prompt's large matrices with OpenBLAS, opened at run time with
+/// kernels for this CPU; a missing library is a one-line error, not a crash inside ggml.
+#[test]
+fn the_default_build_uses_openblas_and_reports_a_missing_one() {
+    if !illmrec::blas::BUILT {
+        return; // built with GGML_BLAS=OFF
+    }
+    let info = illmrec_ok(&["info"]);
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("blas: "))
+        .unwrap_or_else(|| panic!("no blas line in {info}"));
+    assert!(
+        line.contains("OpenBLAS") && line.contains("kernels"),
+        "{line}"
+    );
+    if illmrec::blas::CpuLevel::detect().avx512 {
+        assert!(
+            line.contains("SkylakeX"),
+            "AVX-512 CPU without AVX-512 kernels: {line}"
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_illmrec"))
+        .args([
+            "recommend",
+            "--bundle",
+            &bundle(),
+            "--history",
+            &ids(&[0, 1]),
+        ])
+        .env("ILLMREC_OPENBLAS", "/nonexistent/libopenblas.so.0")
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "ILLMREC_OPENBLAS=/nonexistent/libopenblas.so.0");
+}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building illmrec needs on Debian/Ubuntu beyond Rust and Python 3: cmake (llama.cpp),
 # libclang-dev (bindgen, for llama-cpp-sys-2's bindings: it loads libclang.so and needs clang's
-# builtin headers, which libclang-dev pulls in) and a C/C++ toolchain; for the kiosk's browser test
+# builtin headers, which libclang-dev pulls in), a C/C++ toolchain, pkg-config and OpenBLAS (the
+# default build's matrix products: libopenblas-dev for ggml's CMake to find it, libopenblas0-openmp
+# for src/blas.rs to open at run time, the build that shares ggml's OpenMP threads); for the kiosk's browser test
 # (tools/tests/test_kiosk_browser.py), Debian's headless-capable chromium and chromium-driver.
 # Does nothing when all are present.
 #
@@ -33,12 +35,18 @@ if has_dpkg; then
   installed cmake || on_path cmake || missing+=(cmake)
   installed libclang-dev || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
   installed build-essential || { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+  installed pkgconf || installed pkg-config || on_path pkg-config || missing+=(pkg-config)
+  installed libopenblas-dev || missing+=(libopenblas-dev)
+  installed libopenblas0-openmp || missing+=(libopenblas0-openmp)
   installed chromium || on_path chromium || missing+=(chromium)
   installed chromium-driver || on_path chromedriver || missing+=(chromium-driver)
 else
   on_path cmake || missing+=(cmake)
   libclang_files || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
   { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+  on_path pkg-config || missing+=(pkg-config)
+  compgen -G "$root/usr/lib/*/libopenblas*.so*" >/dev/null || compgen -G "$root/usr/lib/*/*/libopenblas*.so*" >/dev/null ||
+    compgen -G "$root/usr/lib64/libopenblas*.so*" >/dev/null || missing+=(libopenblas-dev)
   on_path chromium || [ -e "$root/usr/bin/chromium" ] || missing+=(chromium)
   on_path chromedriver || [ -e "$root/usr/bin/chromedriver" ] || missing+=(chromium-driver)
 fi

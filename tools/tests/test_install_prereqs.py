@@ -33,6 +33,9 @@ def fake_root(tmp_path: Path, packages: list[str], files: list[str], dpkg: bool 
 
 
 BROWSER = ["chromium", "chromium-driver"]
+# OpenBLAS (build and run time) and pkg-config, which ggml's CMake uses to find it.
+BLAS = ["pkg-config", "libopenblas-dev", "libopenblas0-openmp"]
+BASE = ["cmake", "libclang-dev", "build-essential", *BLAS]
 
 
 def detect(root: Path, browser: bool = False) -> list[str]:
@@ -49,22 +52,21 @@ needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="dpkg
 @needs_dpkg
 def test_libclang_cpp_alone_is_not_libclang(tmp_path):
     """The image this project's machines start from: cmake absent, libclang-cpp14 present."""
-    root = fake_root(tmp_path, ["libclang-cpp14", "build-essential"],
+    root = fake_root(tmp_path, ["libclang-cpp14", "build-essential", *BLAS],
                      ["/usr/lib/x86_64-linux-gnu/libclang-cpp.so.14", "/usr/lib/llvm-14/lib/libclang-cpp.so.14"])
     assert detect(root) == ["cmake", "libclang-dev"]
 
 
 @needs_dpkg
 def test_everything_installed_needs_nothing(tmp_path):
-    root = fake_root(tmp_path, ["cmake", "libclang-dev", "libclang-cpp14", "build-essential"],
-                     ["/usr/lib/llvm-14/lib/libclang.so"])
+    root = fake_root(tmp_path, [*BASE, "libclang-cpp14"], ["/usr/lib/llvm-14/lib/libclang.so"])
     assert detect(root) == []
 
 
 @needs_dpkg
 def test_runtime_libclang_without_dev_package_is_not_enough(tmp_path):
     """libclang1-14 ships libclang.so.1 but not clang's builtin headers, which bindgen needs."""
-    root = fake_root(tmp_path, ["cmake", "libclang1-14", "build-essential"], ["/usr/lib/llvm-14/lib/libclang.so.1"])
+    root = fake_root(tmp_path, ["cmake", "libclang1-14", "build-essential", *BLAS], ["/usr/lib/llvm-14/lib/libclang.so.1"])
     assert detect(root) == ["libclang-dev"]
 
 
@@ -77,9 +79,20 @@ def test_without_dpkg_the_exact_library_names_decide(tmp_path):
 
 @needs_dpkg
 def test_the_kiosk_browser_test_gets_chromium_and_its_driver(tmp_path):
-    without = fake_root(tmp_path / "a", ["cmake", "libclang-dev", "build-essential"], [])
+    without = fake_root(tmp_path / "a", BASE, [])
     assert detect(without, browser=True) == BROWSER
-    only_browser = fake_root(tmp_path / "b", ["cmake", "libclang-dev", "build-essential", "chromium"], [])
+    only_browser = fake_root(tmp_path / "b", [*BASE, "chromium"], [])
     assert detect(only_browser, browser=True) == ["chromium-driver"]
-    both = fake_root(tmp_path / "c", ["cmake", "libclang-dev", "build-essential", *BROWSER], [])
+    both = fake_root(tmp_path / "c", [*BASE, *BROWSER], [])
     assert detect(both, browser=True) == []
+
+
+@needs_dpkg
+def test_openblas_for_the_default_build(tmp_path):
+    """The default build finds OpenBLAS with pkg-config at build time and opens the OpenMP build
+    at run time (src/blas.rs); the pthread runtime alone is not enough."""
+    none = fake_root(tmp_path / "a", ["cmake", "libclang-dev", "build-essential"], [])
+    assert detect(none) == BLAS
+    pthread_only = fake_root(tmp_path / "b", ["cmake", "libclang-dev", "build-essential", "pkgconf",
+                                              "libopenblas-dev", "libopenblas0-pthread"], [])
+    assert detect(pthread_only) == ["libopenblas0-openmp"]

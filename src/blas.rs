@@ -1,0 +1,312 @@
+//! OpenBLAS for ggml's BLAS backend, loaded at run time.
+//!
+//! The default build turns on ggml's BLAS backend (`GGML_BLAS=ON`, `.cargo/config.toml`): large
+//! matrix products (a prompt's ≥ 32 positions against a weight) go to `cblas_sgemm`, whose
+//! OpenBLAS kernels are chosen at run time for the CPU (AVX2, AVX-512, …), while the rest of
+//! ggml stays on its portable AVX2 build. ggml's BLAS code calls three functions; this module
+//! defines them and forwards them to an OpenBLAS it opens with `dlopen` on first use, because
+//! OpenBLAS picks its kernels in a load-time constructor from `OPENBLAS_CORETYPE` or its own CPU
+//! table, and an older OpenBLAS (Debian 12 ships 0.3.21) does not know newer CPUs and falls back
+//! to SSE3 kernels (2.5× slower here). Opening it ourselves lets [`choose_coretype`] name the
+//! kernel family from this CPU's features before the constructor runs. The OpenMP build of
+//! OpenBLAS is preferred: it shares ggml's OpenMP threads, where the pthread build's own threads
+//! fight ggml's for the cores.
+//!
+//! `ILLMREC_OPENBLAS=PATH` names the library to open instead of the search. [`ensure`] (called
+//! when a model loads) turns a missing library into a one-line error; every function here is a
+//! no-op in a build without the BLAS backend.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+/// Whether this build has ggml's BLAS backend (set by build.rs from `GGML_BLAS`).
+pub const BUILT: bool = cfg!(illmrec_blas);
+
+/// Libraries tried in order: the OpenMP builds first (Debian/Ubuntu's alternative directory,
+/// Fedora's name), then whatever `libopenblas.so.0` the loader finds.
+const CANDIDATES: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "libopenblaso.so.0",
+    "libopenblas.so.0",
+    "libopenblas.so",
+];
+
+/// OpenBLAS's `openblas_get_parallel()` value for its OpenMP build.
+const OPENBLAS_OPENMP: c_int = 2;
+
+/// What the CPU offers, as far as OpenBLAS's kernel families go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuLevel {
+    pub avx2_fma: bool,
+    /// AVX-512 F, BW, DQ and VL (what OpenBLAS's SkylakeX kernels use), enabled by the OS.
+    pub avx512: bool,
+}
+
+impl CpuLevel {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            CpuLevel {
+                avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                avx512: is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vl"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            CpuLevel {
+                avx2_fma: false,
+                avx512: false,
+            }
+        }
+    }
+}
+
+/// The `OPENBLAS_CORETYPE` to set, or `None` to leave OpenBLAS's own choice: a value the user
+/// set wins; otherwise SkylakeX on AVX-512 CPUs and Haswell on AVX2 ones (every OpenBLAS with
+/// run-time dispatch since 0.3.x has both, and their single-precision GEMM is what ggml calls),
+/// nothing elsewhere (other architectures, older x86).
+pub fn choose_coretype(user: Option<&str>, cpu: CpuLevel) -> Option<&'static str> {
+    if user.is_some_and(|u| !u.is_empty()) {
+        return None;
+    }
+    if cpu.avx512 {
+        Some("SkylakeX")
+    } else if cpu.avx2_fma {
+        Some("Haswell")
+    } else {
+        None
+    }
+}
+
+type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+struct Lib {
+    path: String,
+    sgemm: Sgemm,
+    set_threads: Option<unsafe extern "C" fn(c_int)>,
+    get_parallel: Option<unsafe extern "C" fn() -> c_int>,
+    get_config: Option<unsafe extern "C" fn() -> *const c_char>,
+    get_corename: Option<unsafe extern "C" fn() -> *const c_char>,
+    coretype_set: Option<&'static str>,
+}
+
+static LIB: OnceLock<Result<Lib, String>> = OnceLock::new();
+
+unsafe fn sym(handle: *mut c_void, name: &str) -> *mut c_void {
+    let c = CString::new(name).unwrap();
+    libc::dlsym(handle, c.as_ptr())
+}
+
+fn load() -> &'static Result<Lib, String> {
+    LIB.get_or_init(|| {
+        let user = std::env::var("OPENBLAS_CORETYPE").ok();
+        let coretype_set = choose_coretype(user.as_deref(), CpuLevel::detect());
+        if let Some(ct) = coretype_set {
+            // Read by OpenBLAS's constructor, which runs inside the dlopen below.
+            std::env::set_var("OPENBLAS_CORETYPE", ct);
+        }
+        let chosen = std::env::var("ILLMREC_OPENBLAS").ok().filter(|p| !p.is_empty());
+        let candidates: Vec<String> = match &chosen {
+            Some(p) => vec![p.clone()],
+            None => CANDIDATES.iter().map(|p| p.to_string()).collect(),
+        };
+        for path in candidates {
+            let Ok(c) = CString::new(path.as_str()) else {
+                continue;
+            };
+            // SAFETY: dlopen/dlsym with valid C strings; the handle is never closed, so the
+            // function pointers stay valid for the life of the process.
+            unsafe {
+                let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+                if h.is_null() {
+                    continue;
+                }
+                let sgemm = sym(h, "cblas_sgemm");
+                if sgemm.is_null() {
+                    continue;
+                }
+                let opt = |name| {
+                    let p = sym(h, name);
+                    (!p.is_null()).then_some(p)
+                };
+                return Ok(Lib {
+                    path,
+                    sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sgemm),
+                    set_threads: opt("openblas_set_num_threads").map(|p| std::mem::transmute(p)),
+                    get_parallel: opt("openblas_get_parallel").map(|p| std::mem::transmute(p)),
+                    get_config: opt("openblas_get_config").map(|p| std::mem::transmute(p)),
+                    get_corename: opt("openblas_get_corename").map(|p| std::mem::transmute(p)),
+                    coretype_set,
+                });
+            }
+        }
+        Err(match chosen {
+            Some(p) => format!(
+                "ILLMREC_OPENBLAS={p} is not an OpenBLAS library that can be opened (no cblas_sgemm)"
+            ),
+            None => "this build multiplies matrices with OpenBLAS, which is not installed: install \
+                     it (Debian/Ubuntu: apt install libopenblas0-openmp) or rebuild with \
+                     GGML_BLAS=OFF"
+                .to_string(),
+        })
+    })
+}
+
+/// Makes sure OpenBLAS is loaded when this build needs it; the error is one line.
+pub fn ensure() -> anyhow::Result<()> {
+    if !BUILT {
+        return Ok(());
+    }
+    load()
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// One line for `illmrec info`: which library, its configuration, the kernel family and why.
+pub fn describe() -> String {
+    if !BUILT {
+        return "not in this build (GGML_BLAS=OFF): every matrix product runs on ggml's CPU code"
+            .into();
+    }
+    match load() {
+        Err(e) => e.clone(),
+        Ok(lib) => {
+            let text = |f: Option<unsafe extern "C" fn() -> *const c_char>| {
+                // SAFETY: OpenBLAS returns pointers to static NUL-terminated strings.
+                f.map(|f| {
+                    unsafe { CStr::from_ptr(f()) }
+                        .to_string_lossy()
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_else(|| "?".into())
+            };
+            let threads = match lib.get_parallel.map(|f| unsafe { f() }) {
+                Some(OPENBLAS_OPENMP) => "OpenMP threads shared with ggml",
+                Some(_) => "its own threads (not the OpenMP build: slower beside ggml's threads; install libopenblas0-openmp)",
+                None => "threading unknown",
+            };
+            let why = match lib.coretype_set {
+                Some(_) => "set by illmrec from this CPU's features; OPENBLAS_CORETYPE overrides",
+                None => "OpenBLAS's own choice or OPENBLAS_CORETYPE",
+            };
+            format!(
+                "OpenBLAS {} ({}), kernels {} ({why}), {threads}",
+                lib.path,
+                text(lib.get_config),
+                text(lib.get_corename),
+            )
+        }
+    }
+}
+
+fn lib_or_abort() -> &'static Lib {
+    match load() {
+        Ok(lib) => lib,
+        Err(e) => {
+            // Unreachable after `ensure`, which every model load calls; ggml has no error path.
+            eprintln!("illmrec: {e}");
+            std::process::abort()
+        }
+    }
+}
+
+/// ggml's BLAS backend calls this for every large matrix product.
+///
+/// # Safety
+/// The caller passes a valid CBLAS single-precision GEMM call.
+#[cfg(illmrec_blas)]
+#[no_mangle]
+pub unsafe extern "C" fn cblas_sgemm(
+    order: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+) {
+    (lib_or_abort().sgemm)(
+        order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+    )
+}
+
+/// # Safety
+/// Plain integer argument; forwarded to OpenBLAS.
+#[cfg(illmrec_blas)]
+#[no_mangle]
+pub unsafe extern "C" fn openblas_set_num_threads(n: c_int) {
+    if let Some(f) = load().as_ref().ok().and_then(|l| l.set_threads) {
+        f(n)
+    }
+}
+
+/// # Safety
+/// No arguments; forwarded to OpenBLAS.
+#[cfg(illmrec_blas)]
+#[no_mangle]
+pub unsafe extern "C" fn openblas_get_parallel() -> c_int {
+    load()
+        .as_ref()
+        .ok()
+        .and_then(|l| l.get_parallel)
+        .map_or(0, |f| f())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AVX512: CpuLevel = CpuLevel {
+        avx2_fma: true,
+        avx512: true,
+    };
+    const AVX2: CpuLevel = CpuLevel {
+        avx2_fma: true,
+        avx512: false,
+    };
+    const OLD: CpuLevel = CpuLevel {
+        avx2_fma: false,
+        avx512: false,
+    };
+
+    #[test]
+    fn coretype_follows_the_cpu() {
+        assert_eq!(choose_coretype(None, AVX512), Some("SkylakeX"));
+        assert_eq!(choose_coretype(None, AVX2), Some("Haswell"));
+        assert_eq!(choose_coretype(None, OLD), None);
+    }
+
+    #[test]
+    fn a_coretype_the_user_set_wins() {
+        assert_eq!(choose_coretype(Some("Haswell"), AVX512), None);
+        assert_eq!(choose_coretype(Some(""), AVX512), Some("SkylakeX"));
+    }
+}
