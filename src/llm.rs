@@ -750,6 +750,53 @@ pub struct Context {
     n_ctx: usize,
     n_batch: usize,
     prefix: Vec<Token>,
+    /// Where llama.cpp's graph callback leaves the outputs' hidden states; boxed so its address,
+    /// handed to llama.cpp, stays fixed. Dropped after the context (fields drop after `drop`).
+    capture: Box<Capture>,
+}
+
+/// The name llama.cpp gives the final-norm hidden states of a batch's outputs (its `t_embd`,
+/// what `llama_get_embeddings_ith` returns), the tensor before the LM head.
+const HIDDEN_TENSOR: &[u8] = b"result_norm";
+
+/// Filled by [`capture_hidden`] while a batch with outputs runs.
+#[derive(Default)]
+struct Capture {
+    active: bool,
+    rows: Vec<f32>,
+}
+
+/// llama.cpp's graph callback (`cb_eval`). Asked about every node, it wants only
+/// [`HIDDEN_TENSOR`] and only while a batch with outputs runs; given it, it copies the rows and
+/// stops the rest of that graph split: the LM head that follows (262,144 × 640 for Gemma 3, read
+/// for every request) is never needed, because the runtime reads hidden states, not logits.
+/// Reading the states this way lets the outputs ride in the same batch as the positions before
+/// them, where llama.cpp's own embeddings output would make every position of the batch an
+/// output.
+unsafe extern "C" fn capture_hidden(
+    t: *mut sys::ggml_tensor,
+    ask: bool,
+    user: *mut std::ffi::c_void,
+) -> bool {
+    // SAFETY: `user` is the context's boxed Capture, used only during its `&mut self` calls;
+    // `t` is a live graph node with a NUL-terminated name.
+    let cap = &mut *(user as *mut Capture);
+    if !cap.active || CStr::from_ptr((*t).name.as_ptr()).to_bytes() != HIDDEN_TENSOR {
+        return false; // not needed (ask) / not reached for unneeded nodes
+    }
+    if ask {
+        return true;
+    }
+    let n = sys::ggml_nelements(t) as usize;
+    let start = cap.rows.len();
+    cap.rows.resize(start + n, 0.0);
+    sys::ggml_backend_tensor_get(
+        t,
+        cap.rows[start..].as_mut_ptr().cast(),
+        0,
+        n * std::mem::size_of::<f32>(),
+    );
+    false // stop this split here: nothing after the hidden states is used
 }
 
 // SAFETY: a llama_context may move between threads; `&mut self` on every call that uses it keeps
@@ -818,8 +865,9 @@ impl Context {
     pub fn new(model: Arc<Model>, opts: &ContextOptions) -> Result<Self> {
         opts.check(&model.info)?;
         let n_batch = opts.n_batch.clamp(1, opts.n_ctx);
+        let mut capture = Box::<Capture>::default();
         // SAFETY: default params are a valid struct; the context holds an Arc of the model, so the
-        // model outlives it.
+        // model outlives it, and owns `capture`, which outlives the llama.cpp context.
         let raw = unsafe {
             let mut p = sys::llama_context_default_params();
             p.n_ctx = opts.n_ctx;
@@ -830,11 +878,13 @@ impl Context {
             // output buffer (n_vocab floats per row) small instead of the default n_batch rows.
             // llama.cpp reserves at least n_seq_max output rows.
             p.n_outputs_max = p.n_seq_max;
+            p.cb_eval = Some(capture_hidden);
+            p.cb_eval_user_data = (&mut *capture as *mut Capture).cast();
             p.n_threads = opts.n_threads;
             p.n_threads_batch = opts.n_threads;
             p.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
-            // Embeddings are switched on only for the final one-position batch: with them on,
-            // llama.cpp makes every position of a batch an output.
+            // Hidden states come from the graph callback (`capture_hidden`): with llama.cpp's
+            // embeddings on, every position of a batch would be an output.
             p.embeddings = false;
             p.kv_unified = true;
             p.flash_attn_type = match opts.flash_attn {
@@ -856,6 +906,7 @@ impl Context {
             n_ctx: opts.n_ctx as usize,
             n_batch: n_batch as usize,
             prefix: Vec::new(),
+            capture,
         })
     }
 
@@ -922,12 +973,10 @@ impl Context {
             }
         }
         let result = (|| {
-            let last = inputs.len() - 1;
             if !reuse_prefix {
                 self.decode(&inputs[..shared], WORK_SEQ, 0, false)?;
             }
-            self.decode(&inputs[shared..last], WORK_SEQ, shared, false)?;
-            self.decode(&inputs[last..], WORK_SEQ, last, true)
+            self.decode(&inputs[shared..], WORK_SEQ, shared, true)
         })();
         // SAFETY: as above; frees the request's cells whatever happened.
         unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, -1, -1) };
@@ -1188,7 +1237,6 @@ impl Context {
                     prefix
                 }
             };
-            let last = inputs.len() - 1;
             let start = if start > save_at {
                 // SAFETY: as above.
                 unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, save_at as i32, -1) };
@@ -1205,8 +1253,7 @@ impl Context {
                 ensure!(n == size, "llama.cpp could not save the session state");
                 kv
             };
-            self.decode(&inputs[save_at..last], WORK_SEQ, save_at, false)?;
-            let hidden = self.decode(&inputs[last..], WORK_SEQ, last, true)?;
+            let hidden = self.decode(&inputs[save_at..], WORK_SEQ, save_at, true)?;
             Ok((hidden, kv, inputs.len() - start))
         })();
         // SAFETY: as above; frees the request's cells whatever happened.
@@ -1244,15 +1291,15 @@ impl Context {
     }
 
     /// Decodes several sequences' tails together: tail `(seq, pos0, inputs)` continues `seq` at
-    /// position `pos0`. All but the last position of every tail share batches; then the last
-    /// positions are decoded as one output batch, whose hidden states are returned in order.
+    /// position `pos0`. All positions share batches; the last position of every tail is an
+    /// output, and those hidden states are returned in order.
     fn decode_tails(&mut self, tails: &[(i32, usize, &[Input])]) -> Result<Vec<Vec<f32>>> {
         let entry = |seq, pos0: usize, j: usize, input| Entry {
             input,
             seq,
             pos: pos0 + j,
         };
-        let body: Vec<Entry> = tails
+        let mut entries: Vec<Entry> = tails
             .iter()
             .flat_map(|&(seq, pos0, inputs)| {
                 inputs[..inputs.len() - 1]
@@ -1261,18 +1308,14 @@ impl Context {
                     .map(move |(j, &input)| entry(seq, pos0, j, input))
             })
             .collect();
-        self.decode_entries(&body, false)?;
-        let last: Vec<Entry> = tails
-            .iter()
-            .map(|&(seq, pos0, inputs)| {
-                entry(seq, pos0, inputs.len() - 1, inputs[inputs.len() - 1])
-            })
-            .collect();
-        self.decode_entries(&last, true)
+        entries.extend(tails.iter().map(|&(seq, pos0, inputs)| {
+            entry(seq, pos0, inputs.len() - 1, inputs[inputs.len() - 1])
+        }));
+        self.decode_entries(&entries, tails.len())
     }
 
     /// Decodes `inputs` at positions `pos0..` on `seq`, in calls of at most n_batch positions.
-    /// With `output`, `inputs` must be a single position whose hidden state is returned.
+    /// With `output`, the hidden state of the last input is returned.
     fn decode(
         &mut self,
         inputs: &[Input],
@@ -1280,7 +1323,6 @@ impl Context {
         pos0: usize,
         output: bool,
     ) -> Result<Option<Vec<f32>>> {
-        debug_assert!(!output || inputs.len() == 1);
         let entries: Vec<Entry> = inputs
             .iter()
             .enumerate()
@@ -1290,30 +1332,34 @@ impl Context {
                 pos: pos0 + k,
             })
             .collect();
-        Ok(self.decode_entries(&entries, output)?.pop())
+        let n_out = usize::from(output && !entries.is_empty());
+        Ok(self.decode_entries(&entries, n_out)?.pop())
     }
 
-    /// Decodes entries (any mix of sequences), in calls of at most n_batch positions. With
-    /// `output`, every entry is an output (at most [`MAX_BRANCHES`], in one call) and their
-    /// hidden states are returned in order.
-    fn decode_entries(&mut self, entries: &[Entry], output: bool) -> Result<Vec<Vec<f32>>> {
+    /// Decodes entries (any mix of sequences), in calls of at most n_batch positions. The last
+    /// `n_out` entries (at most [`MAX_BRANCHES`]) are outputs: they ride in the same calls as
+    /// the positions before them, and their hidden states are returned in order.
+    fn decode_entries(&mut self, entries: &[Entry], n_out: usize) -> Result<Vec<Vec<f32>>> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        debug_assert!(!output || entries.len() <= MAX_BRANCHES.min(self.n_batch));
+        debug_assert!(n_out <= MAX_BRANCHES.min(self.n_batch) && n_out <= entries.len());
+        let first_out = entries.len() - n_out;
         let n_embd = self.model.n_embd();
         let ctx = self.raw.as_ptr();
-        let mut rows = Vec::new();
-        for chunk in entries.chunks(self.n_batch) {
+        let mut rows = Vec::with_capacity(n_out);
+        for (c, chunk) in entries.chunks(self.n_batch).enumerate() {
+            let chunk_start = c * self.n_batch;
+            let chunk_out = (chunk_start + chunk.len()).saturating_sub(first_out.max(chunk_start));
+            self.capture.rows.clear();
+            self.capture.active = chunk_out > 0;
             // SAFETY: the batch is created for this context, filled within n_batch entries with
-            // checked tokens and n_embd-long vectors (copied by llama.cpp), and freed below; the
-            // output rows are read while the batch's results are current.
+            // checked tokens and n_embd-long vectors (copied by llama.cpp), and freed below.
             let status = unsafe {
                 let batch = sys::llama_batch_ext_init(ctx);
                 ensure!(!batch.is_null(), "cannot allocate a batch");
                 let mut fill_error = None;
-                let mut indices = Vec::new();
-                for e in chunk {
+                for (k, e) in chunk.iter().enumerate() {
                     let idx = match e.input {
                         Input::Token(t) => sys::llama_batch_ext_add_token(batch, e.seq, t),
                         Input::Embedding(v) => {
@@ -1326,68 +1372,42 @@ impl Context {
                         }
                     };
                     let pos = e.pos as sys::llama_pos;
+                    let is_out = chunk_start + k >= first_out;
                     if idx < 0
                         || !sys::llama_batch_ext_set_pos(batch, idx, &pos)
-                        || !sys::llama_batch_ext_set_output_embd(batch, idx, output)
+                        || !sys::llama_batch_ext_set_output_embd(batch, idx, is_out)
                     {
                         fill_error = Some(idx);
                         break;
                     }
-                    indices.push(idx);
                 }
                 let status = match fill_error {
                     Some(idx) => Err(idx),
-                    None => {
-                        if output {
-                            sys::llama_set_embeddings(ctx, true);
-                        }
-                        let r = sys::llama_process(ctx, sys::LLAMA_PROCESS_TYPE_DECODE, batch);
-                        if r == 0 && output {
-                            for &idx in &indices {
-                                let ptr = sys::llama_get_embeddings_ith(ctx, idx);
-                                if ptr.is_null() {
-                                    break;
-                                }
-                                rows.push(std::slice::from_raw_parts(ptr, n_embd).to_vec());
-                            }
-                        }
-                        Ok(r)
-                    }
+                    None => Ok(sys::llama_process(
+                        ctx,
+                        sys::LLAMA_PROCESS_TYPE_DECODE,
+                        batch,
+                    )),
                 };
                 sys::llama_batch_ext_free(batch);
                 status
             };
+            self.capture.active = false;
             match status {
-                Err(code) => {
-                    self.embeddings_off();
-                    bail!("cannot build the llama.cpp batch (code {code})")
-                }
+                Err(code) => bail!("cannot build the llama.cpp batch (code {code})"),
                 Ok(0) => {}
-                Ok(1) => {
-                    self.embeddings_off();
-                    bail!("the KV cache is full; raise --ctx")
-                }
-                Ok(code) => {
-                    self.embeddings_off();
-                    bail!("llama.cpp decode failed with code {code}")
-                }
+                Ok(1) => bail!("the KV cache is full; raise --ctx"),
+                Ok(code) => bail!("llama.cpp decode failed with code {code}"),
             }
-        }
-        if output {
-            self.embeddings_off();
             ensure!(
-                rows.len() == entries.len(),
-                "llama.cpp returned {} hidden states for {} outputs",
-                rows.len(),
-                entries.len()
+                self.capture.rows.len() == chunk_out * n_embd,
+                "llama.cpp's graph gave {} hidden values for {chunk_out} outputs of {n_embd} \
+                 (a model without a `result_norm` tensor?)",
+                self.capture.rows.len()
             );
+            rows.extend(self.capture.rows.chunks(n_embd).map(<[f32]>::to_vec));
         }
         Ok(rows)
-    }
-
-    fn embeddings_off(&mut self) {
-        // SAFETY: valid context.
-        unsafe { sys::llama_set_embeddings(self.raw.as_ptr(), false) }
     }
 }
 
