@@ -114,8 +114,10 @@ def pick(histories, length, users, known):
 def sweep(a, lengths):
     """`--sweep`: the runtime's Fig. 3 sweep (`illmrec bench --sweep`), then PyTorch float32 and
     bf16 autocast on the same users' histories at every length, one after the other."""
+    import contextlib
     import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
+    keep = contextlib.nullcontext(str(a.fig3_out)) if a.fig3_out else tempfile.TemporaryDirectory()
+    with keep as tmp:
         subprocess.run([str(a.bin), "bench", "--bundle", str(a.bundle), "--dataset", str(a.dataset),
                         "--sweep", ",".join(map(str, lengths)), "--users", str(a.users), "--warmup", str(a.warmup),
                         "--threads", str(a.threads), "--out", tmp], check=True, capture_output=True, text=True)
@@ -163,6 +165,10 @@ def main(argv=None):
                     help="weights for PyTorch (dequantized; the default model is the same weights in f32)")
     ap.add_argument("--bin", type=Path, default=BIN, help="the illmrec binary to time (e.g. a cpu-variants build)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--runtime-args", action="append",
+                    help="also time the runtime with these options (e.g. \"--kv-f32\"), one more row each; repeatable")
+    ap.add_argument("--fig3-out", type=Path, help="with --sweep: keep the runtime's fig3.md/csv/json/png here "
+                                                  "(the same run's Fig. 3) instead of a temporary folder")
     ap.add_argument("--sweep", help="history lengths, comma-separated (e.g. 1,2,4,...,20): time the runtime's "
                                     "`bench --sweep` and PyTorch on the same users at each length instead")
     a = ap.parse_args(argv)
@@ -171,6 +177,11 @@ def main(argv=None):
         return sweep(a, [int(x) for x in a.sweep.split(",")])
 
     runtime = runtime_bench(a.bundle, a.dataset, a.users, a.warmup, a.threads, bin=a.bin)
+    extra_rows = []
+    for args in a.runtime_args or []:  # the same users again, with other runtime options
+        more = runtime_bench(a.bundle, a.dataset, a.users, a.warmup, a.threads, extra=args.split(), bin=a.bin)
+        extra_rows += [{**r, "config": f"{r['config']}, {args}"} for r in more["rows"]]
+    runtime["rows"] += extra_rows
     model, tok = load_llm(a.gguf)
     model.config._attn_implementation = "sdpa"  # PyTorch's fast attention, not the parity run's eager
     ref = Reference(a.bundle, model, tok)

@@ -69,10 +69,12 @@ def test_torch_bench_runs(setup, tmp_path):
     bundle = setup[0]
     out = tmp_path / "bench.json"
     torch_bench.main(["--bundle", str(bundle), "--dataset", str(bundle.parent / "ml-latest-small"), "--users", "1",
-                      "--warmup", "0", "--threads", "1", "--gguf", str(parity.model_file("f32")), "--json", str(out)])
+                      "--warmup", "0", "--threads", "1", "--gguf", str(parity.model_file("f32")), "--json", str(out),
+                      "--runtime-args=--kv-f32"])
     rows = json.loads(out.read_text())["rows"]
     assert [r["engine"] for r in rows][-2:] == ["PyTorch float32", "PyTorch bf16 autocast"]
     assert any(r["engine"].startswith("illmrec") for r in rows)
+    assert any(r["engine"].endswith(", --kv-f32)") for r in rows), [r["engine"] for r in rows]
     assert all(r["mean_ms"] > 0 and r["users"] == 1 for r in rows)
 
 
@@ -84,7 +86,8 @@ def test_torch_bench_sweep_runs(setup, tmp_path):
     out = tmp_path / "sweep.json"
     torch_bench.main(["--bundle", str(bundle), "--dataset", str(bundle.parent / "ml-latest-small"), "--users", "1",
                       "--warmup", "0", "--threads", "1", "--gguf", str(parity.model_file("f32")), "--json", str(out),
-                      "--sweep", "1,2"])
+                      "--sweep", "1,2", "--fig3-out", str(tmp_path / "fig3")])
+    assert (tmp_path / "fig3" / "fig3.png").stat().st_size > 0  # the runtime's own Fig. 3 files are kept
     rows = json.loads(out.read_text())["rows"]
     assert [r["length"] for r in rows] == [1, 2]
     for r in rows:
