@@ -43,31 +43,47 @@ fn metrics(summary: &str) -> serde_json::Value {
     v
 }
 
+/// `illmrec eval` of the test bundle on the test split, 2 threads, then `extra`.
+fn eval_llm(extra: &[&str]) -> Vec<String> {
+    let (_, bundle, dataset, _) = setup();
+    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let mut args: Vec<String> = ["eval", "--bundle", &s(bundle), "--dataset", &s(dataset)]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(["--split", "test", "--threads", "2"].map(String::from));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn run_eval(extra: &[&str], ok: bool) -> std::process::Output {
+    let args = eval_llm(extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = illmrec(&refs);
+    if ok {
+        assert!(
+            out.status.success(),
+            "illmrec {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
 #[test]
 fn resumed_eval_equals_an_uninterrupted_one() {
-    let (dir, bundle, dataset, _) = setup();
+    let (dir, _, _, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
     let full_out = s(&dir.join("full"));
-    let base = [
-        "eval",
-        "--bundle",
-        &s(bundle),
-        "--dataset",
-        &s(dataset),
-        "--split",
-        "test",
-        "--threads",
-        "2",
-    ];
-    let full = illmrec_ok(&[&base[..], &["--out", &full_out]].concat());
+    let full = String::from_utf8(run_eval(&["--out", &full_out], true).stdout).unwrap();
     let part_out = s(&dir.join("part"));
-    illmrec_ok(&[&base[..], &["--out", &part_out, "--limit", "3"]].concat());
+    run_eval(&["--out", &part_out, "--limit", "3"], true);
     // Simulate a kill in the middle of writing the fourth user's line.
     let ranks = dir.join("part/ranks.jsonl");
     let mut bytes = std::fs::read(&ranks).unwrap();
     bytes.extend_from_slice(b"{\"user\":\"3\",\"ta");
     std::fs::write(&ranks, bytes).unwrap();
-    let out = illmrec(&[&base[..], &["--out", &part_out, "--resume"]].concat());
+    let out = run_eval(&["--out", &part_out, "--resume"], false);
     assert!(
         out.status.success(),
         "{}",
@@ -90,25 +106,10 @@ fn resumed_eval_equals_an_uninterrupted_one() {
 
 #[test]
 fn users_decoded_together_rank_as_one_at_a_time() {
-    let (dir, bundle, dataset, _) = setup();
+    let (dir, _, _, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
     let ranks = |name: &str, per_call: &str| -> Vec<serde_json::Value> {
-        let out = s(&dir.join(name));
-        illmrec_ok(&[
-            "eval",
-            "--bundle",
-            &s(bundle),
-            "--dataset",
-            &s(dataset),
-            "--split",
-            "test",
-            "--threads",
-            "2",
-            "--batch-users",
-            per_call,
-            "--out",
-            &out,
-        ]);
+        run_eval(&["--batch-users", per_call, "--out", &s(&dir.join(name))], true);
         std::fs::read_to_string(dir.join(name).join("ranks.jsonl"))
             .unwrap()
             .lines()

@@ -133,19 +133,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         + 1;
     let mut rows = Vec::new();
     for (c, (name, _, _)) in configs.iter().enumerate() {
-        let n = times[c].len();
-        let mut sorted = times[c].clone();
-        sorted.sort_by(f64::total_cmp);
-        let mean = sorted.iter().sum::<f64>() / n as f64;
+        let s = illmrec::sweep::summarize(&times[c]).context("no user was timed")?;
         rows.push(Row {
             config: name.to_string(),
-            users: n,
-            mean_positions: positions[c] as f64 / n as f64,
-            positions_per_item: (positions[c] as f64 - (fixed * n) as f64) / items[c] as f64,
-            p50_ms: sorted[n / 2],
-            p90_ms: sorted[(n * 9 / 10).min(n - 1)],
-            mean_ms: mean,
-            users_per_second: 1e3 / mean,
+            users: s.n,
+            mean_positions: positions[c] as f64 / s.n as f64,
+            positions_per_item: (positions[c] as f64 - (fixed * s.n) as f64) / items[c] as f64,
+            p50_ms: s.p50,
+            p90_ms: s.p90,
+            mean_ms: s.mean,
+            users_per_second: 1e3 / s.mean,
         });
     }
     rec.set_request_options(opts.reuse_prefix, opts.prompt_style)?;
