@@ -27,6 +27,18 @@ fn main() {
     let apple = std::env::var("CARGO_CFG_TARGET_VENDOR").is_ok_and(|v| v == "apple");
     if blas && !apple && std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_none() {
         println!("cargo:rustc-cfg=illmrec_blas");
+        // A target folder built before GGML_BLAS=ON reached llama-cpp-sys-2 keeps its llama.cpp
+        // without the BLAS backend (llama-cpp-sys-2 only re-runs CMake for variables it saw).
+        if let Some(cmake) = std::env::var_os("DEP_LLAMA_GGML_CMAKE_DIR") {
+            let lib = PathBuf::from(cmake);
+            let lib = lib.parent().unwrap_or(&lib);
+            if !lib.join("libggml-blas.a").is_file() && !lib.join("libggml-blas.so").is_file() {
+                println!(
+                    "cargo:warning=llama.cpp was built without its BLAS backend (before \
+                     GGML_BLAS=ON); run `cargo clean -p llama-cpp-sys-2 --release` and rebuild"
+                );
+            }
+        }
     }
     if std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_none() {
         return;

@@ -171,9 +171,15 @@ fn load() -> &'static Result<Lib, String> {
     })
 }
 
+/// The llama.cpp build predates `GGML_BLAS=ON` (an existing target folder: llama-cpp-sys-2 only
+/// re-runs CMake when a variable it saw before changes), so ggml has no BLAS backend to feed.
+fn stale() -> bool {
+    BUILT && !crate::llm::has_blas_backend()
+}
+
 /// Makes sure OpenBLAS is loaded when this build needs it; the error is one line.
 pub fn ensure() -> anyhow::Result<()> {
-    if !BUILT {
+    if !BUILT || stale() {
         return Ok(());
     }
     load()
@@ -186,6 +192,11 @@ pub fn ensure() -> anyhow::Result<()> {
 pub fn describe() -> String {
     if !BUILT {
         return "not in this build (GGML_BLAS=OFF): every matrix product runs on ggml's CPU code"
+            .into();
+    }
+    if stale() {
+        return "not in this llama.cpp build: it was compiled before GGML_BLAS=ON reached it; \
+                `cargo clean -p llama-cpp-sys-2 --release` and rebuild"
             .into();
     }
     match load() {

@@ -1488,6 +1488,13 @@ pub fn system_info() -> String {
     }
 }
 
+/// Whether llama.cpp's ggml has its BLAS backend compiled in (registered as "BLAS").
+pub fn has_blas_backend() -> bool {
+    backend();
+    // SAFETY: a NUL-terminated name; the registry is only read.
+    unsafe { !sys::ggml_backend_reg_by_name(c"BLAS".as_ptr()).is_null() }
+}
+
 /// Whether this build can offload layers to a GPU.
 pub fn supports_gpu_offload() -> bool {
     backend();

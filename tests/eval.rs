@@ -109,7 +109,10 @@ fn users_decoded_together_rank_as_one_at_a_time() {
     let (dir, _, _, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
     let ranks = |name: &str, per_call: &str| -> Vec<serde_json::Value> {
-        run_eval(&["--batch-users", per_call, "--out", &s(&dir.join(name))], true);
+        run_eval(
+            &["--batch-users", per_call, "--out", &s(&dir.join(name))],
+            true,
+        );
         std::fs::read_to_string(dir.join(name).join("ranks.jsonl"))
             .unwrap()
             .lines()
