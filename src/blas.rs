@@ -171,15 +171,16 @@ fn load() -> &'static Result<Lib, String> {
     })
 }
 
-/// The llama.cpp build predates `GGML_BLAS=ON` (an existing target folder: llama-cpp-sys-2 only
-/// re-runs CMake when a variable it saw before changes), so ggml has no BLAS backend to feed.
-fn stale() -> bool {
-    BUILT && !crate::llm::has_blas_backend()
+/// Whether ggml will call OpenBLAS: this crate defines the functions (`BUILT`) and llama.cpp was
+/// compiled with its BLAS backend. A target folder built before `GGML_BLAS=ON` has the first
+/// without the second (llama-cpp-sys-2 re-runs CMake only for variables it saw before).
+fn needed() -> bool {
+    BUILT && crate::llm::has_blas_backend()
 }
 
 /// Makes sure OpenBLAS is loaded when this build needs it; the error is one line.
 pub fn ensure() -> anyhow::Result<()> {
-    if !BUILT || stale() {
+    if !needed() {
         return Ok(());
     }
     load()
@@ -194,7 +195,7 @@ pub fn describe() -> String {
         return "not in this build (GGML_BLAS=OFF): every matrix product runs on ggml's CPU code"
             .into();
     }
-    if stale() {
+    if !needed() {
         return "not in this llama.cpp build: it was compiled before GGML_BLAS=ON reached it; \
                 `cargo clean -p llama-cpp-sys-2 --release` and rebuild"
             .into();

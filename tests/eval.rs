@@ -44,30 +44,32 @@ fn metrics(summary: &str) -> serde_json::Value {
 }
 
 /// `illmrec eval` of the test bundle on the test split, 2 threads, then `extra`.
-fn eval_llm(extra: &[&str]) -> Vec<String> {
+fn run_eval(extra: &[&str]) -> std::process::Output {
     let (_, bundle, dataset, _) = setup();
-    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
-    let mut args: Vec<String> = ["eval", "--bundle", &s(bundle), "--dataset", &s(dataset)]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    args.extend(["--split", "test", "--threads", "2"].map(String::from));
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    let (b, d) = (bundle.to_string_lossy(), dataset.to_string_lossy());
+    let base = [
+        "eval",
+        "--bundle",
+        &b,
+        "--dataset",
+        &d,
+        "--split",
+        "test",
+        "--threads",
+        "2",
+    ];
+    illmrec(&[&base[..], extra].concat())
 }
 
-fn run_eval(extra: &[&str], ok: bool) -> std::process::Output {
-    let args = eval_llm(extra);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = illmrec(&refs);
-    if ok {
-        assert!(
-            out.status.success(),
-            "illmrec {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
+/// [`run_eval`] that must succeed; its stdout.
+fn eval_ok(extra: &[&str]) -> String {
+    let out = run_eval(extra);
+    assert!(
+        out.status.success(),
+        "illmrec eval {extra:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -75,15 +77,15 @@ fn resumed_eval_equals_an_uninterrupted_one() {
     let (dir, _, _, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
     let full_out = s(&dir.join("full"));
-    let full = String::from_utf8(run_eval(&["--out", &full_out], true).stdout).unwrap();
+    let full = eval_ok(&["--out", &full_out]);
     let part_out = s(&dir.join("part"));
-    run_eval(&["--out", &part_out, "--limit", "3"], true);
+    eval_ok(&["--out", &part_out, "--limit", "3"]);
     // Simulate a kill in the middle of writing the fourth user's line.
     let ranks = dir.join("part/ranks.jsonl");
     let mut bytes = std::fs::read(&ranks).unwrap();
     bytes.extend_from_slice(b"{\"user\":\"3\",\"ta");
     std::fs::write(&ranks, bytes).unwrap();
-    let out = run_eval(&["--out", &part_out, "--resume"], false);
+    let out = run_eval(&["--out", &part_out, "--resume"]);
     assert!(
         out.status.success(),
         "{}",
@@ -109,10 +111,7 @@ fn users_decoded_together_rank_as_one_at_a_time() {
     let (dir, _, _, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
     let ranks = |name: &str, per_call: &str| -> Vec<serde_json::Value> {
-        run_eval(
-            &["--batch-users", per_call, "--out", &s(&dir.join(name))],
-            true,
-        );
+        eval_ok(&["--batch-users", per_call, "--out", &s(&dir.join(name))]);
         std::fs::read_to_string(dir.join(name).join("ranks.jsonl"))
             .unwrap()
             .lines()
