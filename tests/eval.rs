@@ -43,8 +43,9 @@ fn metrics(summary: &str) -> serde_json::Value {
     v
 }
 
-/// `illmrec eval` of the test bundle on the test split, 2 threads, then `extra`.
-fn run_eval(extra: &[&str]) -> std::process::Output {
+/// `illmrec eval` of the test bundle on the test split, 2 threads, then `extra`, run by `run`
+/// (`common::illmrec`, or `common::illmrec_ok` where it must succeed).
+fn eval_with<R>(run: fn(&[&str]) -> R, extra: &[&str]) -> R {
     let (_, bundle, dataset, _) = setup();
     let (b, d) = (bundle.to_string_lossy(), dataset.to_string_lossy());
     let base = [
@@ -58,18 +59,7 @@ fn run_eval(extra: &[&str]) -> std::process::Output {
         "--threads",
         "2",
     ];
-    illmrec(&[&base[..], extra].concat())
-}
-
-/// [`run_eval`] that must succeed; its stdout.
-fn eval_ok(extra: &[&str]) -> String {
-    let out = run_eval(extra);
-    assert!(
-        out.status.success(),
-        "illmrec eval {extra:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    run(&[&base[..], extra].concat())
 }
 
 #[test]
@@ -77,15 +67,15 @@ fn resumed_eval_equals_an_uninterrupted_one() {
     let (dir, _, _, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
     let full_out = s(&dir.join("full"));
-    let full = eval_ok(&["--out", &full_out]);
+    let full = eval_with(illmrec_ok, &["--out", &full_out]);
     let part_out = s(&dir.join("part"));
-    eval_ok(&["--out", &part_out, "--limit", "3"]);
+    eval_with(illmrec_ok, &["--out", &part_out, "--limit", "3"]);
     // Simulate a kill in the middle of writing the fourth user's line.
     let ranks = dir.join("part/ranks.jsonl");
     let mut bytes = std::fs::read(&ranks).unwrap();
     bytes.extend_from_slice(b"{\"user\":\"3\",\"ta");
     std::fs::write(&ranks, bytes).unwrap();
-    let out = run_eval(&["--out", &part_out, "--resume"]);
+    let out = eval_with(illmrec, &["--out", &part_out, "--resume"]);
     assert!(
         out.status.success(),
         "{}",
@@ -111,7 +101,10 @@ fn users_decoded_together_rank_as_one_at_a_time() {
     let (dir, _, _, _) = setup();
     let s = |p: &PathBuf| p.to_string_lossy().into_owned();
     let ranks = |name: &str, per_call: &str| -> Vec<serde_json::Value> {
-        eval_ok(&["--batch-users", per_call, "--out", &s(&dir.join(name))]);
+        eval_with(
+            illmrec_ok,
+            &["--batch-users", per_call, "--out", &s(&dir.join(name))],
+        );
         std::fs::read_to_string(dir.join(name).join("ranks.jsonl"))
             .unwrap()
             .lines()
