@@ -243,7 +243,24 @@ fn lib_or_abort() -> &'static Lib {
     }
 }
 
-/// ggml's BLAS backend calls this for every large matrix product.
+#[cfg(illmrec_blas)]
+thread_local! {
+    /// The thread count ggml last asked for on the calling thread (0: none yet).
+    static WANTED_THREADS: std::cell::Cell<c_int> = const { std::cell::Cell::new(0) };
+}
+
+/// One OpenBLAS call at a time in the process, and the thread count OpenBLAS was last set to.
+/// OpenBLAS keeps its thread count (and, in the OpenMP build, its work buffers) process-wide,
+/// while ggml sets the count per context just before its products: contexts decoding at once on
+/// different threads (`serve --contexts N`, parallel tests, several Python recommenders) got
+/// wrong products without any error when calls overlapped (measured: hidden states off by up to
+/// 69 on values of about 30; `tests/llm.rs` `contexts_on_several_threads_equal_each_alone`).
+/// Taking turns costs nothing on one context and serializes only the GEMMs of several.
+#[cfg(illmrec_blas)]
+static CALL: std::sync::Mutex<c_int> = std::sync::Mutex::new(0);
+
+/// ggml's BLAS backend calls this for every large matrix product; calls from different threads
+/// take turns (see [`CALL`]).
 ///
 /// # Safety
 /// The caller passes a valid CBLAS single-precision GEMM call.
@@ -265,19 +282,29 @@ pub unsafe extern "C" fn cblas_sgemm(
     c: *mut f32,
     ldc: c_int,
 ) {
-    (lib_or_abort().sgemm)(
+    let lib = lib_or_abort();
+    let wanted = WANTED_THREADS.with(|w| w.get());
+    let mut set = CALL.lock().unwrap_or_else(|e| e.into_inner());
+    if wanted > 0 && *set != wanted {
+        if let Some(f) = lib.set_threads {
+            f(wanted);
+        }
+        *set = wanted;
+    }
+    (lib.sgemm)(
         order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
     )
 }
 
+/// ggml calls this before its products with the context's thread count; it is applied to
+/// OpenBLAS at the next [`cblas_sgemm`] of the same thread, under the call lock.
+///
 /// # Safety
-/// Plain integer argument; forwarded to OpenBLAS.
+/// Plain integer argument.
 #[cfg(illmrec_blas)]
 #[no_mangle]
 pub unsafe extern "C" fn openblas_set_num_threads(n: c_int) {
-    if let Some(f) = load().as_ref().ok().and_then(|l| l.set_threads) {
-        f(n)
-    }
+    WANTED_THREADS.with(|w| w.set(n));
 }
 
 /// # Safety

@@ -618,8 +618,11 @@ pub struct ContextOptions {
     pub n_ctx: u32,
     /// Store the KV cache in f32 instead of llama.cpp's default f16 (for parity checks).
     pub kv_f32: bool,
-    /// Flash attention: `None` lets llama.cpp decide, `Some(false)` (the default) forces the plain
-    /// path, whose results do not depend on the thread count or the batch split on the CPU.
+    /// Flash attention: `Some(true)` (the default), `Some(false)` (the plain path, which
+    /// multiplies every query by every KV cell llama.cpp attends over and masks afterwards), or
+    /// `None` (llama.cpp decides). On the CPU both paths give the same result at any thread
+    /// count: ggml computes each query row whole on one thread, except for a one-position batch
+    /// over 512 or more cells, which [`batch_spans`] never sends.
     pub flash_attn: Option<bool>,
     /// Largest number of positions decoded in one call.
     pub n_batch: u32,
@@ -631,7 +634,7 @@ impl Default for ContextOptions {
         Self {
             n_ctx: 2048,
             kv_f32: false,
-            flash_attn: Some(false),
+            flash_attn: Some(true),
             n_batch: 512,
             n_threads: default_threads(),
         }
@@ -1244,7 +1247,13 @@ impl Context {
             } else {
                 start
             };
-            self.decode(&inputs[start..save_at], WORK_SEQ, start, false)?;
+            // One batch for everything after the common start, as a cold request decodes it
+            // (batch shapes decide llama.cpp's kernels: fewer than 64 rows take ggml's flash-
+            // attention path with f16 accumulators); the positions from `save_at` on are then
+            // dropped and the rest saved. A position's KV cells do not depend on later ones.
+            let hidden = self.decode(&inputs[start..], WORK_SEQ, start, true)?;
+            // SAFETY: as above.
+            unsafe { sys::llama_memory_seq_rm(mem, WORK_SEQ, save_at as i32, -1) };
             // SAFETY: the buffer has the size llama.cpp asked for.
             let kv = unsafe {
                 let size = sys::llama_state_seq_get_size(ctx, WORK_SEQ);
@@ -1253,7 +1262,6 @@ impl Context {
                 ensure!(n == size, "llama.cpp could not save the session state");
                 kv
             };
-            let hidden = self.decode(&inputs[save_at..], WORK_SEQ, save_at, true)?;
             Ok((hidden, kv, inputs.len() - start))
         })();
         // SAFETY: as above; frees the request's cells whatever happened.
@@ -1348,8 +1356,9 @@ impl Context {
         let n_embd = self.model.n_embd();
         let ctx = self.raw.as_ptr();
         let mut rows = Vec::with_capacity(n_out);
-        for (c, chunk) in entries.chunks(self.n_batch).enumerate() {
-            let chunk_start = c * self.n_batch;
+        for span in batch_spans(entries.len(), self.n_batch) {
+            let chunk_start = span.start;
+            let chunk = &entries[span];
             let chunk_out = (chunk_start + chunk.len()).saturating_sub(first_out.max(chunk_start));
             self.capture.rows.clear();
             self.capture.active = chunk_out > 0;
@@ -1502,6 +1511,25 @@ pub fn supports_gpu_offload() -> bool {
     unsafe { sys::llama_supports_gpu_offload() }
 }
 
+/// How `decode_entries` cuts `len` positions into llama.cpp calls of at most `n_batch`: in
+/// order, never a one-position call after a longer one (the tail borrows a position from the call
+/// before it). ggml's CPU flash attention splits a lone query's KV cells across threads, which
+/// would make that position's state depend on the thread count.
+pub fn batch_spans(len: usize, n_batch: usize) -> Vec<std::ops::Range<usize>> {
+    let n_batch = n_batch.max(1);
+    let mut spans: Vec<std::ops::Range<usize>> = (0..len)
+        .step_by(n_batch)
+        .map(|start| start..(start + n_batch).min(len))
+        .collect();
+    if let [.., before, last] = spans.as_mut_slice() {
+        if last.len() == 1 && before.len() > 2 {
+            before.end -= 1;
+            last.start -= 1;
+        }
+    }
+    spans
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1531,5 +1559,32 @@ mod tests {
         assert_eq!(group_prompts(&many, &zero, 0, 10_000, 0).len(), 40);
         assert!(group_prompts(&[], &[], 0, 100, 4).is_empty());
         assert_eq!(kv_cells_needed(10, &[30, 30], &[10, 0]), 10 + 20 + 30);
+    }
+
+    #[test]
+    fn calls_cover_the_positions_in_order_without_a_lone_last_position() {
+        let covers = |spans: &[std::ops::Range<usize>], len: usize, n_batch: usize| {
+            assert_eq!(spans.first().map_or(0, |r| r.start), 0);
+            assert_eq!(spans.last().map_or(0, |r| r.end), len);
+            assert!(spans.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(spans.iter().all(|r| !r.is_empty() && r.len() <= n_batch));
+        };
+        assert_eq!(batch_spans(513, 512), vec![0..511, 511..513]);
+        assert_eq!(batch_spans(1025, 512), vec![0..512, 512..1023, 1023..1025]);
+        assert_eq!(batch_spans(512, 512), vec![0..512]);
+        assert_eq!(batch_spans(514, 512), vec![0..512, 512..514]);
+        assert_eq!(batch_spans(1, 512), vec![0..1]);
+        assert!(batch_spans(0, 512).is_empty());
+        for n_batch in [3, 4, 64, 512] {
+            for len in 0..3 * n_batch + 2 {
+                let spans = batch_spans(len, n_batch);
+                covers(&spans, len, n_batch);
+                assert!(len < 2 || spans.iter().all(|r| r.len() >= 2), "{len} {n_batch}");
+            }
+        }
+        // Calls of one or two positions cannot avoid it; they still cover everything.
+        covers(&batch_spans(5, 2), 5, 2);
+        covers(&batch_spans(3, 1), 3, 1);
+        covers(&batch_spans(3, 0), 3, 1);
     }
 }

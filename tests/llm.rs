@@ -264,6 +264,104 @@ fn illmrec_test_vector() -> Vec<f32> {
 }
 
 #[test]
+fn hidden_states_do_not_depend_on_the_thread_count() {
+    // 513 positions: calls of 512 would leave the image vector alone in a second call attending
+    // over 768 cells, where ggml's CPU flash attention splits the cells across threads; the
+    // runtime cuts 511 + 2 instead. Flash attention on (the default) and off.
+    let model = model();
+    let vector = illmrec_test_vector();
+    let text = "{Title: Heat (1995), Visual representation: }, ".repeat(60);
+    let mut inputs: Vec<Input> = model
+        .tokenize(&text, true)
+        .unwrap()
+        .into_iter()
+        .take(512)
+        .map(Input::Token)
+        .collect();
+    assert_eq!(inputs.len(), 512);
+    inputs.push(Input::Embedding(&vector));
+    for flash_attn in [Some(true), Some(false)] {
+        let states: Vec<Vec<f32>> = [1, 2, 3]
+            .iter()
+            .map(|&n_threads| {
+                let opts = ContextOptions {
+                    n_ctx: 1024,
+                    n_threads,
+                    flash_attn,
+                    ..Default::default()
+                };
+                let mut ctx = Context::new(model.clone(), &opts).unwrap();
+                ctx.last_hidden(&inputs, false).unwrap()
+            })
+            .collect();
+        for (k, s) in states.iter().enumerate().skip(1) {
+            assert_eq!(
+                s,
+                &states[0],
+                "flash attention {flash_attn:?}: {} threads against 1: max abs diff {}",
+                k + 1,
+                max_abs_diff(s, &states[0])
+            );
+        }
+    }
+}
+
+#[test]
+fn contexts_on_several_threads_equal_each_alone() {
+    // Three contexts of one model decoding at the same time on three threads (as `serve
+    // --contexts 3` does, here with 1, 2 and 3 threads each): each state must equal the same
+    // request decoded with nothing else running. Prompts are long enough for the BLAS backend
+    // (32+ positions), whose thread count is process-wide in OpenBLAS.
+    let model = model();
+    let prompts: Vec<Vec<Input>> = [
+        "{Title: Heat (1995), Visual representation: }, ",
+        "{Title: Toy Story (1995), Visual representation: }, ",
+        "{Title: Fargo (1996), Visual representation: }, ",
+    ]
+    .iter()
+    .map(|t| {
+        model
+            .tokenize(&t.repeat(12), true)
+            .unwrap()
+            .into_iter()
+            .map(Input::Token)
+            .collect()
+    })
+    .collect();
+    let opts = |k: usize| ContextOptions {
+        n_ctx: 512,
+        n_threads: k as i32 + 1,
+        ..Default::default()
+    };
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            Context::new(model.clone(), &opts(k))
+                .unwrap()
+                .last_hidden(p, false)
+                .unwrap()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (k, prompt) in prompts.iter().enumerate() {
+            let (model, opts, alone) = (model.clone(), opts(k), &alone);
+            scope.spawn(move || {
+                let mut ctx = Context::new(model, &opts).unwrap();
+                for round in 0..8 {
+                    let state = ctx.last_hidden(prompt, false).unwrap();
+                    assert!(
+                        state == alone[k],
+                        "prompt {k}, round {round}: max abs diff {} against alone",
+                        max_abs_diff(&state, &alone[k])
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn bad_inputs_are_errors_not_aborts() {
     let model = model();
     let mut ctx = context(&model);

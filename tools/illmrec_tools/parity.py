@@ -193,8 +193,8 @@ class Reference:
 EMULATED = "float32 + llama.cpp FA/GELU numerics"
 # (label, model kind, runtime flags, reference) for each row of the results table.
 RUNTIME_CONFIGS = [
-    ("F32", "f32", ("--flash-attn", "auto"), "float32"),
-    ("F32", "f32", ("--flash-attn", "off"), "float32"),  # the runtime's defaults
+    ("F32", "f32", ("--flash-attn", "auto"), "float32"),  # "on" on the CPU: the runtime's default
+    ("F32", "f32", ("--flash-attn", "off"), "float32"),
     ("F32", "f32", ("--flash-attn", "off", "--kv-f32"), "float32"),
     ("F32", "f32", ("--flash-attn", "auto", "--no-prefix-cache"), EMULATED),
     ("Q8_0", "q8_0", (), "float32"),

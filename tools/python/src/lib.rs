@@ -50,7 +50,7 @@ impl Recommender {
     /// Opens a bundle. The keyword options are the command line's runtime options.
     #[new]
     #[pyo3(signature = (bundle, *, model=None, threads=None, n_gpu_layers=None, mmap=true,
-        mlock=false, ctx=2048, kv_f32=false, flash_attn="off", max_history=10,
+        mlock=false, ctx=2048, kv_f32=false, flash_attn="on", max_history=10,
         missing_image="text", description_tokens=64, cache_dir=None, prefix_cache=true,
         verbose=false))]
     #[allow(clippy::too_many_arguments)]

@@ -24,7 +24,7 @@ class Recommender:
         mlock: bool = False,
         ctx: int = 2048,
         kv_f32: bool = False,
-        flash_attn: Literal["auto", "on", "off"] = "off",
+        flash_attn: Literal["auto", "on", "off"] = "on",
         max_history: int = 10,
         missing_image: Literal["text", "title"] = "text",
         description_tokens: int = 64,
