@@ -249,18 +249,64 @@ thread_local! {
     static WANTED_THREADS: std::cell::Cell<c_int> = const { std::cell::Cell::new(0) };
 }
 
-/// One OpenBLAS call at a time in the process, and the thread count OpenBLAS was last set to.
-/// OpenBLAS keeps its thread count (and, in the OpenMP build, its work buffers) process-wide,
-/// while ggml sets the count per context just before its products: contexts decoding at once on
+/// Who is inside OpenBLAS now, and the thread count it was last set to: the bookkeeping behind
+/// [`cblas_sgemm`]'s turns (pure, so that the policy is unit-tested without OpenBLAS).
+///
+/// OpenBLAS keeps its thread count process-wide, and its OpenMP build shares one set of thread
+/// work buffers between all multi-threaded calls (unless built with `NUM_PARALLEL` > 1),
+/// while ggml sets the count per context just before its products. Contexts decoding at once on
 /// different threads (`serve --contexts N`, parallel tests, several Python recommenders) got
-/// wrong products without any error when calls overlapped (measured: hidden states off by up to
-/// 69 on values of about 30; `tests/llm.rs` `contexts_on_several_threads_equal_each_alone`).
-/// Taking turns costs nothing on one context and serializes only the GEMMs of several.
+/// wrong products without any error when such calls overlapped (measured: hidden states off by
+/// up to 69 on values of about 30; `tests/llm.rs` `contexts_on_several_threads_equal_each_alone`).
+/// So a multi-threaded call runs alone; one-thread calls run in their caller with buffers of
+/// their own and may overlap each other while OpenBLAS is set to one thread (what `serve
+/// --contexts N --threads 1` does: taking turns there halved its throughput).
+#[derive(Debug, Default)]
+pub struct Turns {
+    /// The thread count OpenBLAS was last set to (0: not yet).
+    set: c_int,
+    /// Calls inside OpenBLAS now.
+    inside: usize,
+    /// Multi-threaded callers waiting for the library to empty (one-thread calls stop joining).
+    waiting_alone: usize,
+}
+
+impl Turns {
+    /// Whether a call that wants `wanted` threads (0: unknown) may start now; if so, it is
+    /// counted inside (a call that finds the library empty records `wanted` as its count).
+    pub fn enter(&mut self, wanted: c_int) -> bool {
+        if self.inside == 0 {
+            self.inside = 1;
+            if wanted > 0 {
+                self.set = wanted;
+            }
+            return true;
+        }
+        if wanted == 1 && self.set == 1 && self.waiting_alone == 0 {
+            self.inside += 1;
+            return true;
+        }
+        false
+    }
+
+    /// A call left OpenBLAS; true when it was the last one inside (wake the waiting callers).
+    pub fn leave(&mut self) -> bool {
+        self.inside -= 1;
+        self.inside == 0
+    }
+}
+
 #[cfg(illmrec_blas)]
-static CALL: std::sync::Mutex<c_int> = std::sync::Mutex::new(0);
+static TURNS: std::sync::Mutex<Turns> = std::sync::Mutex::new(Turns {
+    set: 0,
+    inside: 0,
+    waiting_alone: 0,
+});
+#[cfg(illmrec_blas)]
+static FREED: std::sync::Condvar = std::sync::Condvar::new();
 
 /// ggml's BLAS backend calls this for every large matrix product; calls from different threads
-/// take turns (see [`CALL`]).
+/// take turns (see [`Turns`]).
 ///
 /// # Safety
 /// The caller passes a valid CBLAS single-precision GEMM call.
@@ -284,20 +330,38 @@ pub unsafe extern "C" fn cblas_sgemm(
 ) {
     let lib = lib_or_abort();
     let wanted = WANTED_THREADS.with(|w| w.get());
-    let mut set = CALL.lock().unwrap_or_else(|e| e.into_inner());
-    if wanted > 0 && *set != wanted {
-        if let Some(f) = lib.set_threads {
-            f(wanted);
+    let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut waiting = false;
+    while !turns.enter(wanted) {
+        if !waiting && wanted != 1 {
+            turns.waiting_alone += 1;
+            waiting = true;
         }
-        *set = wanted;
+        turns = FREED.wait(turns).unwrap_or_else(|e| e.into_inner());
     }
+    if waiting {
+        turns.waiting_alone -= 1;
+    }
+    // Under the lock: either alone inside, or one of several one-thread calls while OpenBLAS is
+    // already at one thread (the global count does not change). Set on every call, because
+    // OpenBLAS's OpenMP build also sets the calling thread's OpenMP thread count here: calling it
+    // only when the global count changed left other callers' threads at the default and made
+    // `serve --contexts 2 --threads 1` 1.6× slower (measured with the load test).
+    if let (true, Some(f)) = (wanted > 0, lib.set_threads) {
+        f(wanted);
+    }
+    drop(turns);
     (lib.sgemm)(
         order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
-    )
+    );
+    let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
+    if turns.leave() {
+        FREED.notify_all();
+    }
 }
 
 /// ggml calls this before its products with the context's thread count; it is applied to
-/// OpenBLAS at the next [`cblas_sgemm`] of the same thread, under the call lock.
+/// OpenBLAS at the next [`cblas_sgemm`] of the same thread, when that call's turn comes.
 ///
 /// # Safety
 /// Plain integer argument.
@@ -335,6 +399,38 @@ mod tests {
         avx2_fma: false,
         avx512: false,
     };
+
+    #[test]
+    fn multi_threaded_calls_run_alone_and_one_thread_calls_share() {
+        let mut t = Turns::default();
+        // The first call sets the count; another 2-thread call waits for it.
+        assert!(t.enter(2));
+        assert_eq!(t.set, 2);
+        assert!(!t.enter(2));
+        assert!(!t.enter(1), "a one-thread call must not run beside a 2-thread one");
+        assert!(t.leave());
+        // One-thread calls share once the library is set to one thread.
+        assert!(t.enter(1));
+        assert!(t.enter(1));
+        assert!(t.enter(1));
+        assert!(!t.enter(3));
+        assert!(!t.enter(0), "an unknown count runs alone");
+        // A waiting multi-threaded caller stops new one-thread calls from joining.
+        t.waiting_alone = 1;
+        assert!(!t.enter(1));
+        assert!(!t.leave());
+        assert!(!t.leave());
+        assert!(t.leave());
+        assert!(t.enter(3));
+        assert_eq!(t.set, 3);
+        t.waiting_alone = 0;
+        assert!(t.leave());
+        // An unknown count keeps whatever was set, and runs alone.
+        assert!(t.enter(0));
+        assert_eq!(t.set, 3);
+        assert!(!t.enter(1));
+        assert!(t.leave());
+    }
 
     #[test]
     fn coretype_follows_the_cpu() {

@@ -308,15 +308,17 @@ fn hidden_states_do_not_depend_on_the_thread_count() {
 
 #[test]
 fn contexts_on_several_threads_equal_each_alone() {
-    // Three contexts of one model decoding at the same time on three threads (as `serve
-    // --contexts 3` does, here with 1, 2 and 3 threads each): each state must equal the same
-    // request decoded with nothing else running. Prompts are long enough for the BLAS backend
-    // (32+ positions), whose thread count is process-wide in OpenBLAS.
+    // Four contexts of one model decoding at the same time on four threads (as `serve
+    // --contexts 4` does, here with 1, 1, 2 and 3 threads each: one-thread products may overlap,
+    // the others run alone): each state must equal the same request decoded with nothing else
+    // running. Prompts are long enough for the BLAS backend (32+ positions), whose thread count
+    // is process-wide in OpenBLAS.
     let model = model();
     let prompts: Vec<Vec<Input>> = [
         "{Title: Heat (1995), Visual representation: }, ",
         "{Title: Toy Story (1995), Visual representation: }, ",
         "{Title: Fargo (1996), Visual representation: }, ",
+        "{Title: Casino (1995), Visual representation: }, ",
     ]
     .iter()
     .map(|t| {
@@ -330,7 +332,7 @@ fn contexts_on_several_threads_equal_each_alone() {
     .collect();
     let opts = |k: usize| ContextOptions {
         n_ctx: 512,
-        n_threads: k as i32 + 1,
+        n_threads: [1, 1, 2, 3][k],
         ..Default::default()
     };
     let alone: Vec<Vec<f32>> = prompts
