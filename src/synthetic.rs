@@ -186,9 +186,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// The median of timed repeats (the benchmarks' one percentile function; NaN for none).
+fn median(v: Vec<f64>) -> f64 {
+    crate::sweep::summarize(&v).map_or(f64::NAN, |s| s.p50)
 }
 
 /// Open times for one size; the files stay for the caller.
