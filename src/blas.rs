@@ -407,7 +407,10 @@ mod tests {
         assert!(t.enter(2));
         assert_eq!(t.set, 2);
         assert!(!t.enter(2));
-        assert!(!t.enter(1), "a one-thread call must not run beside a 2-thread one");
+        assert!(
+            !t.enter(1),
+            "a one-thread call must not run beside a 2-thread one"
+        );
         assert!(t.leave());
         // One-thread calls share once the library is set to one thread.
         assert!(t.enter(1));

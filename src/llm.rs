@@ -1579,7 +1579,10 @@ mod tests {
             for len in 0..3 * n_batch + 2 {
                 let spans = batch_spans(len, n_batch);
                 covers(&spans, len, n_batch);
-                assert!(len < 2 || spans.iter().all(|r| r.len() >= 2), "{len} {n_batch}");
+                assert!(
+                    len < 2 || spans.iter().all(|r| r.len() >= 2),
+                    "{len} {n_batch}"
+                );
             }
         }
         // Calls of one or two positions cannot avoid it; they still cover everything.
