@@ -261,7 +261,7 @@ thread_local! {
 /// So a multi-threaded call runs alone; one-thread calls run in their caller with buffers of
 /// their own and may overlap each other while OpenBLAS is set to one thread (what `serve
 /// --contexts N --threads 1` does: taking turns there halved its throughput).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Turns {
     /// The thread count OpenBLAS was last set to (0: not yet).
     set: c_int,
@@ -272,6 +272,15 @@ pub struct Turns {
 }
 
 impl Turns {
+    /// Nobody inside, no thread count set yet.
+    const fn new() -> Self {
+        Turns {
+            set: 0,
+            inside: 0,
+            waiting_alone: 0,
+        }
+    }
+
     /// Whether a call that wants `wanted` threads (0: unknown) may start now; if so, it is
     /// counted inside (a call that finds the library empty records `wanted` as its count).
     pub fn enter(&mut self, wanted: c_int) -> bool {
@@ -297,11 +306,7 @@ impl Turns {
 }
 
 #[cfg(illmrec_blas)]
-static TURNS: std::sync::Mutex<Turns> = std::sync::Mutex::new(Turns {
-    set: 0,
-    inside: 0,
-    waiting_alone: 0,
-});
+static TURNS: std::sync::Mutex<Turns> = std::sync::Mutex::new(Turns::new());
 #[cfg(illmrec_blas)]
 static FREED: std::sync::Condvar = std::sync::Condvar::new();
 
@@ -402,7 +407,7 @@ mod tests {
 
     #[test]
     fn multi_threaded_calls_run_alone_and_one_thread_calls_share() {
-        let mut t = Turns::default();
+        let mut t = Turns::new();
         // The first call sets the count; another 2-thread call waits for it.
         assert!(t.enter(2));
         assert_eq!(t.set, 2);
