@@ -232,6 +232,7 @@ pub fn describe() -> String {
     }
 }
 
+#[cfg(illmrec_blas)]
 fn lib_or_abort() -> &'static Lib {
     match load() {
         Ok(lib) => lib,
@@ -273,6 +274,7 @@ pub struct Turns {
 
 impl Turns {
     /// Nobody inside, no thread count set yet.
+    #[cfg(any(illmrec_blas, test))]
     const fn new() -> Self {
         Turns {
             set: 0,
