@@ -15,8 +15,51 @@ fn copy_if_changed(from: &Path, to: &Path) {
     }
 }
 
+/// ggml's source folder, from the CMake cache of llama-cpp-sys-2's build (its `ggml_cmake_dir`
+/// lies under its OUT_DIR, whose `build/CMakeCache.txt` names the sources).
+fn ggml_source_dir() -> Option<PathBuf> {
+    let cmake = PathBuf::from(std::env::var_os("DEP_LLAMA_GGML_CMAKE_DIR")?);
+    let cache = cmake
+        .ancestors()
+        .map(|d| d.join("build").join("CMakeCache.txt"))
+        .find(|c| c.is_file())?;
+    let cache = std::fs::read_to_string(cache).ok()?;
+    cache
+        .lines()
+        .find_map(|l| l.strip_prefix("ggml_SOURCE_DIR:STATIC="))
+        .map(PathBuf::from)
+}
+
+/// src/attn.cpp: the AVX-512 flash-attention backend (x86_64, static builds). It includes
+/// ggml's backend interface header (`ggml-backend-impl.h`, not installed), read from the same
+/// llama.cpp sources llama-cpp-sys-2 built.
+fn build_attention(variants: bool) {
+    println!("cargo:rerun-if-changed=src/attn.cpp");
+    println!("cargo::rustc-check-cfg=cfg(illmrec_attn)");
+    let x86 = std::env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
+    if !x86 || variants {
+        return;
+    }
+    let Some(ggml) = ggml_source_dir() else {
+        println!("cargo:warning=ggml's sources not found; building without the AVX-512 attention");
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("src/attn.cpp")
+        .include(ggml.join("include"))
+        .include(ggml.join("src"))
+        .flag("-std=c++17")
+        .flag("-fopenmp")
+        .opt_level(3)
+        .warnings(false)
+        .compile("illmrec_attn");
+    println!("cargo:rustc-cfg=illmrec_attn");
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    build_attention(std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_some());
     // ggml's BLAS backend (GGML_BLAS, on by default through .cargo/config.toml; llama-cpp-sys-2
     // reads the same variable, and turns it off on Apple). In the static build its three
     // OpenBLAS functions are defined by src/blas.rs, which opens OpenBLAS at run time.

@@ -24,6 +24,7 @@
 //! - [`fuzz`]: seeded mutation fuzzing of every parser of outside bytes (tests and
 //!   `examples/fuzz.rs`).
 
+pub mod attn;
 pub mod bank;
 pub mod batch;
 pub mod blas;

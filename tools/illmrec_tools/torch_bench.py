@@ -19,6 +19,7 @@ at every length L, and prints the runtime, engine-only and PyTorch times per len
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -40,9 +41,15 @@ def cpu_name():
 
 
 def runtime_bench(bundle, dataset, users, warmup, threads, extra=(), bin=BIN):
+    """`illmrec bench --json`; words NAME=VALUE in `extra` set its environment (e.g.
+    ILLMREC_ATTENTION=ggml), the rest are options."""
+    env = dict(os.environ)
+    env.update(w.split("=", 1) for w in extra if "=" in w and not w.startswith("-"))
+    opts = [w for w in extra if not ("=" in w and not w.startswith("-"))]
     out = subprocess.run([str(bin), "bench", "--bundle", str(bundle), "--dataset", str(dataset),
                           "--users", str(users), "--warmup", str(warmup), "--threads", str(threads),
-                          "--images", "0", "--json", *extra], check=True, capture_output=True, text=True).stdout
+                          "--images", "0", "--json", *opts], check=True, capture_output=True, text=True,
+                         env=env).stdout
     return json.loads(out)
 
 
@@ -166,7 +173,8 @@ def main(argv=None):
     ap.add_argument("--bin", type=Path, default=BIN, help="the illmrec binary to time (e.g. a cpu-variants build)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--runtime-args", action="append",
-                    help="also time the runtime with these options (e.g. \"--kv-f32\"), one more row each; repeatable")
+                    help="also time the runtime with these options (e.g. \"--kv-f32\"; NAME=VALUE words set its "
+                         "environment, e.g. \"ILLMREC_ATTENTION=ggml\"), one more row each; repeatable")
     ap.add_argument("--fig3-out", type=Path, help="with --sweep: keep the runtime's fig3.md/csv/json/png here "
                                                   "(the same run's Fig. 3) instead of a temporary folder")
     ap.add_argument("--sweep", help="history lengths, comma-separated (e.g. 1,2,4,...,20): time the runtime's "
