@@ -30,36 +30,36 @@ fn ggml_source_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// src/attn.cpp: the AVX-512 flash-attention backend (x86_64, static builds). It includes
+/// src/kernels.cpp: the AVX-512 attention and GEGLU backend (x86_64, static builds). It includes
 /// ggml's backend interface header (`ggml-backend-impl.h`, not installed), read from the same
 /// llama.cpp sources llama-cpp-sys-2 built.
-fn build_attention(variants: bool) {
-    println!("cargo:rerun-if-changed=src/attn.cpp");
-    println!("cargo::rustc-check-cfg=cfg(illmrec_attn)");
+fn build_kernels(variants: bool) {
+    println!("cargo:rerun-if-changed=src/kernels.cpp");
+    println!("cargo::rustc-check-cfg=cfg(illmrec_kernels)");
     let x86 = std::env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
     if !x86 || variants {
         return;
     }
     let Some(ggml) = ggml_source_dir() else {
-        println!("cargo:warning=ggml's sources not found; building without the AVX-512 attention");
+        println!("cargo:warning=ggml's sources not found; building without the AVX-512 kernels");
         return;
     };
     cc::Build::new()
         .cpp(true)
-        .file("src/attn.cpp")
+        .file("src/kernels.cpp")
         .include(ggml.join("include"))
         .include(ggml.join("src"))
         .flag("-std=c++17")
         .flag("-fopenmp")
         .opt_level(3)
         .warnings(false)
-        .compile("illmrec_attn");
-    println!("cargo:rustc-cfg=illmrec_attn");
+        .compile("illmrec_kernels");
+    println!("cargo:rustc-cfg=illmrec_kernels");
 }
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    build_attention(std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_some());
+    build_kernels(std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_some());
     // ggml's BLAS backend (GGML_BLAS, on by default through .cargo/config.toml; llama-cpp-sys-2
     // reads the same variable, and turns it off on Apple). In the static build its three
     // OpenBLAS functions are defined by src/blas.rs, which opens OpenBLAS at run time.

@@ -24,7 +24,6 @@
 //! - [`fuzz`]: seeded mutation fuzzing of every parser of outside bytes (tests and
 //!   `examples/fuzz.rs`).
 
-pub mod attn;
 pub mod bank;
 pub mod batch;
 pub mod blas;
@@ -40,6 +39,7 @@ pub mod image_encoder;
 pub mod item_vectors;
 pub mod items_edit;
 pub mod jsonl;
+pub mod kernels;
 pub mod llm;
 pub mod mobilenet;
 pub mod npy;

@@ -77,7 +77,7 @@ fn backend() -> &'static LlamaBackend {
     install_logger();
     BACKEND.get_or_init(|| {
         let b = LlamaBackend::init().expect("llama.cpp backend initialised twice");
-        crate::attn::install();
+        crate::kernels::install();
         #[cfg(feature = "cpu-variants")]
         CPU_VARIANT.get_or_init(variants::load_best);
         b

@@ -308,8 +308,8 @@ pub struct Machine {
     pub cpu_features: String,
     /// Which llama.cpp CPU build runs (fixed, or the variant chosen at run time).
     pub cpu_build: String,
-    /// Which attention kernels run (`illmrec::attn`).
-    pub attention: String,
+    /// Whether illmrec's AVX-512 kernels run attention and GEGLU (`illmrec::kernels`).
+    pub kernels: String,
     /// LLM threads.
     pub threads: i32,
     pub model: String,
@@ -358,7 +358,7 @@ impl Machine {
             cpus: crate::llm::default_threads() as usize,
             cpu_features: crate::cpu::Features::detect().to_string(),
             cpu_build: crate::llm::cpu_build(),
-            attention: crate::attn::describe(),
+            kernels: crate::kernels::describe(),
             threads,
             model: rec.model().path.display().to_string(),
             n_ctx: rec.context().n_ctx(),

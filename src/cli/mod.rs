@@ -355,7 +355,7 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("cpu build: {}", llm::cpu_build());
     println!("backends: {}", llm::system_info().trim());
     println!("blas: {}", illmrec::blas::describe());
-    println!("attention: {}", illmrec::attn::describe());
+    println!("kernels: {}", illmrec::kernels::describe());
     let model = match a.model {
         Some(m) => Some(m),
         None => illmrec::bundle::default_model_path().ok(),

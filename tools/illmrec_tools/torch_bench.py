@@ -42,7 +42,7 @@ def cpu_name():
 
 def runtime_bench(bundle, dataset, users, warmup, threads, extra=(), bin=BIN):
     """`illmrec bench --json`; words NAME=VALUE in `extra` set its environment (e.g.
-    ILLMREC_ATTENTION=ggml), the rest are options."""
+    ILLMREC_KERNELS=ggml), the rest are options."""
     env = dict(os.environ)
     env.update(w.split("=", 1) for w in extra if "=" in w and not w.startswith("-"))
     opts = [w for w in extra if not ("=" in w and not w.startswith("-"))]
@@ -174,7 +174,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--runtime-args", action="append",
                     help="also time the runtime with these options (e.g. \"--kv-f32\"; NAME=VALUE words set its "
-                         "environment, e.g. \"ILLMREC_ATTENTION=ggml\"), one more row each; repeatable")
+                         "environment, e.g. \"ILLMREC_KERNELS=ggml\"), one more row each; repeatable")
     ap.add_argument("--fig3-out", type=Path, help="with --sweep: keep the runtime's fig3.md/csv/json/png here "
                                                   "(the same run's Fig. 3) instead of a temporary folder")
     ap.add_argument("--sweep", help="history lengths, comma-separated (e.g. 1,2,4,...,20): time the runtime's "

@@ -2,6 +2,7 @@
 prepared ml-latest-small slice with seeded random features and heads: identical prompt tokens,
 and scores within the measured tolerance (see data/parity/results.md and tools/README.md)."""
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -12,12 +13,21 @@ from illmrec_tools import parity
 from illmrec_tools.prepare import prepare
 
 # With llama.cpp's flash attention off and an f32 KV cache (data/parity2/results.md, 21 histories):
-# max rel 1.4e-3, median 4.7e-4, Spearman >= 0.99998. What remains is llama.cpp's f16 GELU table
+# max rel 1.4e-3, median 4.7e-4, Spearman >= 0.99998. What remained was llama.cpp's f16 GELU table
 # and summation order. The runtime's defaults (flash attention on, f16 KV cache; K and V are f16 in
-# the flash-attention graph whatever the cache) are held to the same bound.
+# the flash-attention graph whatever the cache) are held to the same bound. Where illmrec's AVX-512
+# kernels run (`illmrec info`: src/kernels.cpp computes GEGLU's GELU exactly, attention in f32),
+# the 3 histories here measured rel 1.4-2.1e-4 with those flags and 3.2-5.3e-4 with the defaults
+# (ggml's kernels: 3.4-9.0e-4 and 0.8-1.2e-3), so the bound is 1e-3 there.
 EXACT_FLAGS = ("--flash-attn", "off", "--kv-f32")
-MAX_REL = 3e-3
 MIN_SPEARMAN = 0.9999
+
+
+def max_rel():
+    """3e-3 on ggml's kernels, 1e-3 where illmrec's AVX-512 attention and GEGLU run."""
+    from illmrec_tools.export import ILLMREC
+    info = subprocess.run([str(ILLMREC), "info"], check=True, capture_output=True, text=True).stdout
+    return 1e-3 if "kernels: attention and GEGLU on illmrec's" in info else 3e-3
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +64,7 @@ def test_prompt_tokens_match_runtime(setup):
 @pytest.mark.parametrize("flags", [EXACT_FLAGS, ()], ids=["fa-off-kv-f32", "defaults"])
 def test_f32_scores_match_reference(setup, flags):
     bundle, model, tok, cases = setup
+    bound = max_rel()
     for (user, history, candidates), max_history in cases:
         ref = parity.Reference(bundle, model, tok, max_history).scores(history, candidates)
         run, used = parity.runtime_scores(bundle, [(user, history, candidates)], parity.model_file("f32"),
@@ -61,7 +72,7 @@ def test_f32_scores_match_reference(setup, flags):
         assert used[user] == len(history[-max_history:])
         m = parity.compare(ref, run[user])
         print(user, json.dumps(m))
-        assert m["rel"] <= MAX_REL and m["spearman"] >= MIN_SPEARMAN and m["top10_overlap"] >= 0.9, (user, m)
+        assert m["rel"] <= bound and m["spearman"] >= MIN_SPEARMAN and m["top10_overlap"] >= 0.9, (user, m)
 
 
 def test_torch_bench_runs(setup, tmp_path):

@@ -1,9 +1,9 @@
-//! The AVX-512 flash-attention backend (src/attn.cpp) through the real model: ggml's scheduler
-//! hands it the attention, and its hidden states match ggml's own kernels (the same binary with
-//! `ILLMREC_ATTENTION=ggml`) and do not depend on the thread count.
+//! illmrec's AVX-512 kernels (src/kernels.cpp) through the real model: ggml's scheduler hands them
+//! the attention and GEGLU, and their hidden states match ggml's own kernels (the same binary
+//! with `ILLMREC_KERNELS=ggml`) and do not depend on the thread count.
 mod common;
 
-use illmrec::attn::State;
+use illmrec::kernels::State;
 use illmrec::llm::{Context, ContextOptions, Input, Model, ModelOptions};
 use illmrec::npy::{NpyArray, NpyData};
 use std::path::Path;
@@ -27,8 +27,8 @@ fn catalog_ids(n: usize) -> Vec<u64> {
         .collect()
 }
 
-fn embed(dir: &Path, input: &Path, threads: &str, attention: Option<&str>) -> Vec<f32> {
-    let out = dir.join(format!("{threads}-{}.npy", attention.unwrap_or("default")));
+fn embed(dir: &Path, input: &Path, threads: &str, kernels: Option<&str>) -> Vec<f32> {
+    let out = dir.join(format!("{threads}-{}.npy", kernels.unwrap_or("default")));
     let mut cmd = std::process::Command::new(common::BIN);
     cmd.args(["embed", "--bundle"])
         .arg(demo_bundle())
@@ -37,8 +37,8 @@ fn embed(dir: &Path, input: &Path, threads: &str, attention: Option<&str>) -> Ve
         .arg("--output")
         .arg(&out)
         .args(["--threads", threads]);
-    if let Some(a) = attention {
-        cmd.env("ILLMREC_ATTENTION", a);
+    if let Some(k) = kernels {
+        cmd.env("ILLMREC_KERNELS", k);
     }
     let res = cmd.output().unwrap();
     assert!(
@@ -53,26 +53,27 @@ fn embed(dir: &Path, input: &Path, threads: &str, attention: Option<&str>) -> Ve
 }
 
 #[test]
-fn the_scheduler_hands_attention_to_the_backend() {
+fn the_scheduler_hands_attention_and_geglu_to_the_backend() {
     let model = Arc::new(Model::load(&common::model_path(), &ModelOptions::default()).unwrap());
-    let state = illmrec::attn::install();
-    let before = illmrec::attn::calls();
+    let state = illmrec::kernels::install();
+    let before = illmrec::kernels::calls();
     let mut ctx = Context::new(model.clone(), &ContextOptions::default()).unwrap();
     let tokens = model
         .tokenize(&"Toy Story (1995), Heat (1995), ".repeat(20), true)
         .unwrap();
     let inputs: Vec<Input> = tokens.into_iter().map(Input::Token).collect();
     ctx.last_hidden(&inputs, false).unwrap();
-    let used = illmrec::attn::calls() - before;
+    let after = illmrec::kernels::calls();
+    let used = (after.0 - before.0, after.1 - before.1);
     if state == State::On {
-        // one attention per layer (Gemma 3 270M: 18)
+        // one attention and one GEGLU per layer (Gemma 3 270M: 18 layers)
         assert!(
-            used >= 18,
-            "the backend computed {used} attention operations"
+            used.0 >= 18 && used.1 >= 18,
+            "the backend computed {used:?} (attention, GEGLU) operations"
         );
     } else {
-        eprintln!("attention backend not in use here ({state:?}): nothing to check");
-        assert_eq!(used, 0);
+        eprintln!("AVX-512 kernels not in use here ({state:?}): nothing to check");
+        assert_eq!(used, (0, 0));
     }
 }
 

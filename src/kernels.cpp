@@ -1,16 +1,20 @@
-// A ggml backend of one operation: flash attention (GGML_OP_FLASH_ATTN_EXT) with AVX-512
-// kernels chosen at run time, for the default build whose ggml CPU code is compiled for AVX2
-// only. src/attn.rs registers it (an "ACCEL" device, as ggml's BLAS backend is) when the CPU has
-// AVX-512; llama.cpp then puts it between the BLAS backend and the CPU, and ggml's scheduler
-// moves every attention it supports here (same host buffers, so no copies). Anything it does not
-// support (ALiBi, logit soft-capping, attention sinks, quantized K/V, head sizes not a multiple
-// of 64) stays on ggml's CPU code.
+// illmrec's AVX-512 kernels as a ggml backend of two operations: flash attention
+// (GGML_OP_FLASH_ATTN_EXT) and the GEGLU activation (GGML_OP_GLU, GEGLU), for the default build
+// whose ggml CPU code is compiled for AVX2 only. The kernels carry target("avx512f,fma,f16c")
+// attributes and run only where the CPU has them; src/kernels.rs registers the backend (an
+// "ACCEL" device, as ggml's BLAS backend is) when it does. llama.cpp then puts it before the CPU
+// backend, and ggml's scheduler moves every such operation it supports here (same host buffers,
+// so nothing is copied). What it does not support (ALiBi, logit soft-capping, attention sinks,
+// quantized K/V, head sizes not a multiple of 64, other GLU kinds, non-f32 tensors) stays on
+// ggml's CPU code.
 //
-// The kernel computes softmax(scale * Q K^T + mask) V in f32: K and V are converted to f32 once
+// Attention computes softmax(scale * Q K^T + mask) V in f32: K and V are converted to f32 once
 // per call (ggml's tiled kernel converts them again for every 64-query tile and head), K
 // transposed so 16 cells fill a vector; each group of 4 query rows of one head is computed
 // whole by one thread (OpenMP, the threads ggml uses), so results do not depend on the thread
-// count. 64-cell blocks that the mask hides from all 4 rows are skipped.
+// count. 64-cell blocks that the mask hides from all 4 rows are skipped. GEGLU computes
+// gelu(x) * g with GELU's tanh approximation in f32 (ggml's CPU code looks GELU up in an f16
+// table, one element at a time), rows split across threads.
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -30,14 +34,15 @@ namespace {
 constexpr int ROWS = 4;   // query rows per work item
 constexpr int CELLS = 64; // KV cells per block (4 vectors of 16)
 
-struct AttnContext {
+struct KernelContext {
     int n_threads = 1;
     std::vector<float> kt; // K^T in f32: [DK][cells rounded up to CELLS]
     std::vector<float> v;  // V in f32: [cells][DV]
     std::vector<float> scratch; // per thread: masks and scores [ROWS][cells] x 2
 };
 
-std::atomic<uint64_t> g_calls{0};
+std::atomic<uint64_t> g_attention_calls{0};
+std::atomic<uint64_t> g_glu_calls{0};
 
 bool cpu_ok() {
     static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
@@ -57,7 +62,7 @@ Params params_of(const ggml_tensor * op) {
     return p;
 }
 
-bool supported(const ggml_tensor * op) {
+bool attention_supported(const ggml_tensor * op) {
     const ggml_tensor * q = op->src[0];
     const ggml_tensor * k = op->src[1];
     const ggml_tensor * v = op->src[2];
@@ -100,7 +105,7 @@ bool supported(const ggml_tensor * op) {
 __attribute__((target("avx512f,fma,f16c"))) inline __m512 exp512(__m512 x) {
     // e^x for x <= 0 (scores minus their maximum): Cody-Waite reduction, degree-6 polynomial,
     // scaling by 2^n with vscalefps (which flushes very negative inputs to 0).
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -133,7 +138,7 @@ __attribute__((target("avx512f,fma,f16c"))) void load_row_f32(const ggml_tensor 
 
 // One work item: rows [i1, i1 + nr) of head h (and batch i3), against the f32 K^T / V of its KV
 // head. `mrow` and `s` are this thread's scratch, ROWS x ld floats each.
-__attribute__((target("avx512f,fma,f16c"))) void attend(const ggml_tensor * dst, const AttnContext & c,
+__attribute__((target("avx512f,fma,f16c"))) void attend(const ggml_tensor * dst, const KernelContext & c,
                                                          int64_t h, int64_t i3, int64_t i1, int nr,
                                                          int64_t n_kv, int64_t ld, float * mrow,
                                                          float * s, const Params & p) {
@@ -284,7 +289,7 @@ __attribute__((target("avx512f,fma,f16c"))) void attend(const ggml_tensor * dst,
     }
 }
 
-void flash_attn(AttnContext & c, ggml_tensor * dst) {
+void flash_attn(KernelContext & c, ggml_tensor * dst) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
@@ -342,20 +347,79 @@ void flash_attn(AttnContext & c, ggml_tensor * dst) {
             }
         }
     }
-    g_calls.fetch_add(1, std::memory_order_relaxed);
+    g_attention_calls.fetch_add(1, std::memory_order_relaxed);
+}
+
+// ---- GEGLU: gelu(x) * g, GELU with the tanh approximation (Gemma's gelu_pytorch_tanh) ----
+
+bool glu_supported(const ggml_tensor * op) {
+    const ggml_tensor * a = op->src[0];
+    const ggml_tensor * b = op->src[1];
+    if (!cpu_ok() || !a || ggml_get_glu_op(op) != GGML_GLU_OP_GEGLU) {
+        return false;
+    }
+    if (a->type != GGML_TYPE_F32 || op->type != GGML_TYPE_F32 || (b && b->type != GGML_TYPE_F32)) {
+        return false;
+    }
+    if (!ggml_is_contiguous_1(a) || !ggml_is_contiguous_1(op) || (b && !ggml_is_contiguous_1(b))) {
+        return false;
+    }
+    const int64_t nc = b ? a->ne[0] : a->ne[0] / 2;
+    return op->ne[0] == nc && ggml_nrows(op) == ggml_nrows(a) && (!b || ggml_nrows(b) == ggml_nrows(a));
+}
+
+__attribute__((target("avx512f,fma,f16c"))) void geglu_row(int64_t n, float * y, const float * x, const float * g) {
+    // gelu(x) = 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+    const __m512 c1 = _mm512_set1_ps(-2.0f * 0.7978845608028654f);
+    const __m512 c3 = _mm512_set1_ps(-2.0f * 0.7978845608028654f * 0.044715f);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        const __m512 x2 = _mm512_mul_ps(xv, xv);
+        const __m512 m2u = _mm512_mul_ps(xv, _mm512_fmadd_ps(x2, c3, c1));
+        const __m512 gelu = _mm512_div_ps(xv, _mm512_add_ps(one, exp512(m2u)));
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(gelu, _mm512_loadu_ps(g + i)));
+    }
+    for (; i < n; i++) {
+        const float u = 0.7978845608028654f * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+        y[i] = x[i] / (1.0f + std::exp(-2.0f * u)) * g[i];
+    }
+}
+
+void geglu(const KernelContext & c, ggml_tensor * dst) {
+    const ggml_tensor * a = dst->src[0];
+    const ggml_tensor * b = dst->src[1];
+    const int64_t nc = dst->ne[0];
+    const int64_t nr = ggml_nrows(a);
+    const int32_t swapped = ((const int32_t *) dst->op_params)[1];
+    const int nth = c.n_threads > 0 ? c.n_threads : 1;
+    // as ggml's CPU code: with two tensors, gelu of the first times the second; with one, its
+    // halves (`swapped` picks which half goes through gelu)
+#pragma omp parallel for num_threads(nth) schedule(static)
+    for (int64_t r = 0; r < nr; r++) {
+        const float * x = (const float *) ((const char *) a->data + r * a->nb[1]);
+        const float * g = b ? (const float *) ((const char *) b->data + r * b->nb[1]) : x;
+        if (!b) {
+            x += swapped ? nc : 0;
+            g += swapped ? 0 : nc;
+        }
+        geglu_row(nc, (float *) ((char *) dst->data + r * dst->nb[1]), x, g);
+    }
+    g_glu_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
 // ---- ggml backend plumbing (the pattern of ggml-blas.cpp) ----
 
-const char * backend_name(ggml_backend_t) { return "illmrec-attn"; }
+const char * backend_name(ggml_backend_t) { return "illmrec-avx512"; }
 
 void backend_free(ggml_backend_t backend) {
-    delete (AttnContext *) backend->context;
+    delete (KernelContext *) backend->context;
     delete backend;
 }
 
 ggml_status graph_compute(ggml_backend_t backend, ggml_cgraph * g) {
-    AttnContext * c = (AttnContext *) backend->context;
+    KernelContext * c = (KernelContext *) backend->context;
     for (int i = 0; i < ggml_graph_n_nodes(g); i++) {
         ggml_tensor * node = ggml_graph_node(g, i);
         if ((node->flags & GGML_TENSOR_FLAG_COMPUTE) == 0) {
@@ -364,6 +428,9 @@ ggml_status graph_compute(ggml_backend_t backend, ggml_cgraph * g) {
         switch (node->op) {
             case GGML_OP_FLASH_ATTN_EXT:
                 flash_attn(*c, node);
+                break;
+            case GGML_OP_GLU:
+                geglu(*c, node);
                 break;
             case GGML_OP_NONE:
             case GGML_OP_RESHAPE:
@@ -409,18 +476,18 @@ ggml_backend_t backend_init() {
         /* .guid    = */ guid(),
         /* .iface   = */ backend_iface,
         /* .device  = */ ggml_backend_reg_dev_get(reg(), 0),
-        /* .context = */ new AttnContext,
+        /* .context = */ new KernelContext,
     };
 }
 
 void set_n_threads(ggml_backend_t backend, int n) {
     if (backend && ggml_guid_matches(backend->guid, guid())) {
-        ((AttnContext *) backend->context)->n_threads = n;
+        ((KernelContext *) backend->context)->n_threads = n;
     }
 }
 
-const char * dev_name(ggml_backend_dev_t) { return "illmrec-attn"; }
-const char * dev_description(ggml_backend_dev_t) { return "AVX-512 flash attention (illmrec)"; }
+const char * dev_name(ggml_backend_dev_t) { return "illmrec-avx512"; }
+const char * dev_description(ggml_backend_dev_t) { return "AVX-512 attention and GEGLU (illmrec)"; }
 void dev_memory(ggml_backend_dev_t, size_t * free, size_t * total) { *free = 0; *total = 0; }
 enum ggml_backend_dev_type dev_type(ggml_backend_dev_t) { return GGML_BACKEND_DEVICE_TYPE_ACCEL; }
 
@@ -453,7 +520,9 @@ bool dev_supports_op(ggml_backend_dev_t, const ggml_tensor * op) {
         case GGML_OP_TRANSPOSE:
             return true;
         case GGML_OP_FLASH_ATTN_EXT:
-            return supported(op);
+            return attention_supported(op);
+        case GGML_OP_GLU:
+            return glu_supported(op);
         default:
             return false;
     }
@@ -479,7 +548,7 @@ const ggml_backend_device_i device_iface = {
     /* .event_synchronize    = */ NULL,
 };
 
-const char * reg_name(ggml_backend_reg_t) { return "illmrec-attn"; }
+const char * reg_name(ggml_backend_reg_t) { return "illmrec-avx512"; }
 size_t reg_device_count(ggml_backend_reg_t) { return 1; }
 
 ggml_backend_dev_t reg_device(ggml_backend_reg_t r, size_t) {
@@ -519,11 +588,11 @@ ggml_backend_reg_t reg() {
 extern "C" {
 
 // Whether this CPU can run the kernels (AVX-512F, FMA, F16C).
-int illmrec_attn_cpu_ok(void) { return cpu_ok() ? 1 : 0; }
+int illmrec_kernels_cpu_ok(void) { return cpu_ok() ? 1 : 0; }
 
 // Adds the backend to ggml's registry (once; the caller serializes). Returns 0 when the CPU
 // cannot run it (nothing registered).
-int illmrec_attn_register(void) {
+int illmrec_kernels_register(void) {
     static bool done = false;
     if (!cpu_ok()) {
         return 0;
@@ -536,6 +605,9 @@ int illmrec_attn_register(void) {
 }
 
 // Attention operations computed here so far (all contexts of the process).
-uint64_t illmrec_attn_calls(void) { return g_calls.load(std::memory_order_relaxed); }
+uint64_t illmrec_kernels_attention_calls(void) { return g_attention_calls.load(std::memory_order_relaxed); }
+
+// GEGLU operations computed here so far (all contexts of the process).
+uint64_t illmrec_kernels_geglu_calls(void) { return g_glu_calls.load(std::memory_order_relaxed); }
 
 }
