@@ -38,7 +38,7 @@ struct KernelContext {
     int n_threads = 1;
     std::vector<float> kt; // K^T in f32: [DK][cells rounded up to CELLS]
     std::vector<float> v;  // V in f32: [cells][DV]
-    std::vector<float> scratch; // per thread: masks and scores [ROWS][cells] x 2
+    std::vector<float> scratch; // per thread: masks [ROWS][cells], scores [ROWS][cells], one K row
 };
 
 std::atomic<uint64_t> g_attention_calls{0};
@@ -303,24 +303,20 @@ void flash_attn(KernelContext & c, ggml_tensor * dst) {
 
     c.kt.resize(DK * ld);
     c.v.resize(n_kv * DV);
-    c.scratch.resize((size_t) nth * 2 * ROWS * ld);
+    const size_t per_thread = 2 * ROWS * ld + DK;
+    c.scratch.resize((size_t) nth * per_thread);
     const int64_t groups = (N + ROWS - 1) / ROWS;
 
     for (int64_t k3 = 0; k3 < k->ne[3]; k3++) {
         for (int64_t kh = 0; kh < k->ne[2]; kh++) {
 #pragma omp parallel num_threads(nth)
             {
+                float * mine = c.scratch.data() + (size_t) omp_get_thread_num() * per_thread;
+                float * kr = mine + 2 * ROWS * ld;
                 // K^T and V in f32 (cells split across threads; padding cells are zero)
 #pragma omp for schedule(static)
                 for (int64_t cell = 0; cell < ld; cell++) {
                     if (cell < n_kv) {
-                        float row[1024];
-                        float * kr = DK <= 1024 ? row : nullptr;
-                        std::vector<float> big;
-                        if (!kr) {
-                            big.resize(DK);
-                            kr = big.data();
-                        }
                         load_row_f32(k, (const char *) k->data + cell * k->nb[1] + kh * k->nb[2] + k3 * k->nb[3], kr, DK);
                         for (int64_t d = 0; d < DK; d++) {
                             c.kt[d * ld + cell] = kr[d];
@@ -333,7 +329,6 @@ void flash_attn(KernelContext & c, ggml_tensor * dst) {
                         }
                     }
                 }
-                float * mine = c.scratch.data() + (size_t) omp_get_thread_num() * 2 * ROWS * ld;
                 // every (batch, head of this KV head, 4-row group) whole on one thread
                 const int64_t items = rk3 * rk2 * groups;
 #pragma omp for schedule(dynamic, 1)
