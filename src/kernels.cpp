@@ -42,13 +42,7 @@ struct KernelContext {
 };
 
 std::atomic<uint64_t> g_attention_calls{0};
-std::atomic<uint64_t> g_glu_calls{0};
-
-bool cpu_ok() {
-    static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-    return ok;
-}
+std::atomic<uint64_t> g_geglu_calls{0};
 
 struct Params {
     float scale, max_bias, softcap;
@@ -68,7 +62,7 @@ bool attention_supported(const ggml_tensor * op) {
     const ggml_tensor * v = op->src[2];
     const ggml_tensor * mask = op->src[3];
     const ggml_tensor * sinks = op->src[4];
-    if (!cpu_ok() || !q || !k || !v || sinks) {
+    if (!q || !k || !v || sinks) {
         return false;
     }
     const Params p = params_of(op);
@@ -103,8 +97,9 @@ bool attention_supported(const ggml_tensor * op) {
 }
 
 __attribute__((target("avx512f,fma,f16c"))) inline __m512 exp512(__m512 x) {
-    // e^x for x <= 0 (scores minus their maximum): Cody-Waite reduction, degree-6 polynomial,
-    // scaling by 2^n with vscalefps (which flushes very negative inputs to 0).
+    // e^x (attention: scores minus their maximum, <= 0; GEGLU: either sign), clamped to
+    // [-104, 88]: Cody-Waite reduction, degree-6 polynomial, scaling by 2^n with vscalefps
+    // (which flushes the most negative inputs to 0).
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -350,7 +345,7 @@ void flash_attn(KernelContext & c, ggml_tensor * dst) {
 bool glu_supported(const ggml_tensor * op) {
     const ggml_tensor * a = op->src[0];
     const ggml_tensor * b = op->src[1];
-    if (!cpu_ok() || !a || ggml_get_glu_op(op) != GGML_GLU_OP_GEGLU) {
+    if (!a || ggml_get_glu_op(op) != GGML_GLU_OP_GEGLU) {
         return false;
     }
     if (a->type != GGML_TYPE_F32 || op->type != GGML_TYPE_F32 || (b && b->type != GGML_TYPE_F32)) {
@@ -401,7 +396,7 @@ void geglu(const KernelContext & c, ggml_tensor * dst) {
         }
         geglu_row(nc, (float *) ((char *) dst->data + r * dst->nb[1]), x, g);
     }
-    g_glu_calls.fetch_add(1, std::memory_order_relaxed);
+    g_geglu_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
 // ---- ggml backend plumbing (the pattern of ggml-blas.cpp) ----
@@ -582,27 +577,14 @@ ggml_backend_reg_t reg() {
 
 extern "C" {
 
-// Whether this CPU can run the kernels (AVX-512F, FMA, F16C).
-int illmrec_kernels_cpu_ok(void) { return cpu_ok() ? 1 : 0; }
-
-// Adds the backend to ggml's registry (once; the caller serializes). Returns 0 when the CPU
-// cannot run it (nothing registered).
-int illmrec_kernels_register(void) {
-    static bool done = false;
-    if (!cpu_ok()) {
-        return 0;
-    }
-    if (!done) {
-        ggml_backend_register(reg());
-        done = true;
-    }
-    return 1;
-}
+// Adds the backend to ggml's registry. The caller (src/kernels.rs) calls it once, and only on a
+// CPU with AVX-512F, FMA and F16C: the kernels below are compiled for them.
+void illmrec_kernels_register(void) { ggml_backend_register(reg()); }
 
 // Attention operations computed here so far (all contexts of the process).
 uint64_t illmrec_kernels_attention_calls(void) { return g_attention_calls.load(std::memory_order_relaxed); }
 
 // GEGLU operations computed here so far (all contexts of the process).
-uint64_t illmrec_kernels_geglu_calls(void) { return g_glu_calls.load(std::memory_order_relaxed); }
+uint64_t illmrec_kernels_geglu_calls(void) { return g_geglu_calls.load(std::memory_order_relaxed); }
 
 }

@@ -17,8 +17,7 @@ pub const BUILT: bool = cfg!(illmrec_kernels);
 
 #[cfg(illmrec_kernels)]
 extern "C" {
-    fn illmrec_kernels_cpu_ok() -> std::ffi::c_int;
-    fn illmrec_kernels_register() -> std::ffi::c_int;
+    fn illmrec_kernels_register();
     fn illmrec_kernels_attention_calls() -> u64;
     fn illmrec_kernels_geglu_calls() -> u64;
 }
@@ -51,16 +50,25 @@ pub fn decide(built: bool, env: Option<&str>, cpu_ok: bool) -> State {
 
 static STATE: OnceLock<State> = OnceLock::new();
 
+/// Whether the CPU (and the OS's saved vector state) offers what the kernels are compiled for:
+/// AVX-512F, FMA and F16C.
+#[cfg(illmrec_kernels)]
+fn cpu_ok() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
 /// Registers the backend if [`decide`] says so (once per process; call before contexts exist).
 pub fn install() -> State {
     *STATE.get_or_init(|| {
         #[cfg(illmrec_kernels)]
-        // SAFETY: plain C functions without arguments; registration runs once, under this OnceLock.
-        unsafe {
+        {
             let env = std::env::var("ILLMREC_KERNELS").ok();
-            let state = decide(true, env.as_deref(), illmrec_kernels_cpu_ok() != 0);
+            let state = decide(true, env.as_deref(), cpu_ok());
             if state == State::On {
-                illmrec_kernels_register();
+                // SAFETY: runs once (under this OnceLock), on a CPU that runs the kernels.
+                unsafe { illmrec_kernels_register() };
             }
             state
         }
@@ -83,15 +91,17 @@ pub fn calls() -> (u64, u64) {
     (0, 0)
 }
 
-/// One line for `illmrec info`.
+/// One line for `illmrec info`: `on` or `off` first (scripts read that word), then why.
 pub fn describe() -> String {
     match install() {
-        State::On => "attention and GEGLU on illmrec's AVX-512 kernels (src/kernels.cpp); \
+        State::On => "on: attention and GEGLU run on illmrec's AVX-512 kernels (src/kernels.cpp); \
                       ILLMREC_KERNELS=ggml leaves them to ggml"
             .into(),
-        State::OffByUser => "ggml's CPU kernels (ILLMREC_KERNELS=ggml)".into(),
-        State::NoAvx512 => "ggml's CPU kernels (this CPU has no AVX-512)".into(),
-        State::NotBuilt => "ggml's CPU kernels (this build has no AVX-512 kernel backend)".into(),
+        State::OffByUser => "off: ggml's CPU kernels (ILLMREC_KERNELS=ggml)".into(),
+        State::NoAvx512 => "off: ggml's CPU kernels (this CPU has no AVX-512)".into(),
+        State::NotBuilt => {
+            "off: ggml's CPU kernels (this build has no AVX-512 kernel backend)".into()
+        }
     }
 }
 

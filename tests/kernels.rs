@@ -3,31 +3,20 @@
 //! with `ILLMREC_KERNELS=ggml`) and do not depend on the thread count.
 mod common;
 
+use common::{cosine, max_abs, max_abs_diff};
+use illmrec::catalog::Catalog;
 use illmrec::kernels::State;
 use illmrec::llm::{Context, ContextOptions, Input, Model, ModelOptions};
 use illmrec::npy::{NpyArray, NpyData};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn demo_bundle() -> std::path::PathBuf {
+fn demo_bundle() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo-bundle")
 }
 
-/// The first `n` catalog ids of the demo bundle.
-fn catalog_ids(n: usize) -> Vec<u64> {
-    std::fs::read_to_string(demo_bundle().join("items.jsonl"))
-        .unwrap()
-        .lines()
-        .take(n)
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect()
-}
-
-fn embed(dir: &Path, input: &Path, threads: &str, kernels: Option<&str>) -> Vec<f32> {
+/// `illmrec embed` of `input`: one hidden state per history (rows of the returned array).
+fn embed(dir: &Path, input: &Path, threads: &str, kernels: Option<&str>) -> (Vec<f32>, usize) {
     let out = dir.join(format!("{threads}-{}.npy", kernels.unwrap_or("default")));
     let mut cmd = std::process::Command::new(common::BIN);
     cmd.args(["embed", "--bundle"])
@@ -46,8 +35,9 @@ fn embed(dir: &Path, input: &Path, threads: &str, kernels: Option<&str>) -> Vec<
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    match NpyArray::read(&out).unwrap().data {
-        NpyData::F32(v) => v,
+    let array = NpyArray::read(&out).unwrap();
+    match array.data {
+        NpyData::F32(v) => (v, array.shape[1]),
         _ => panic!("embed wrote a non-f32 array"),
     }
 }
@@ -75,12 +65,20 @@ fn the_scheduler_hands_attention_and_geglu_to_the_backend() {
         eprintln!("AVX-512 kernels not in use here ({state:?}): nothing to check");
         assert_eq!(used, (0, 0));
     }
+    // `illmrec info` says the same, with the word scripts read first
+    let info = common::illmrec_ok(&["info"]);
+    let line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("kernels: "))
+        .unwrap_or_else(|| panic!("no kernels line in {info}"));
+    assert_eq!(line.starts_with("on:"), state == State::On, "{line}");
 }
 
 #[test]
 fn backend_states_match_ggml_and_do_not_depend_on_threads() {
     let dir = tempfile::tempdir().unwrap();
-    let ids = catalog_ids(40);
+    let catalog = Catalog::load(&demo_bundle().join("items.jsonl")).unwrap();
+    let ids: Vec<u64> = catalog.items().iter().take(40).map(|i| i.id).collect();
     // 2 items (< 64 positions: ggml's one-tile path) up to 20 (its tiled path, several KV blocks)
     let histories: Vec<String> = [2usize, 7, 20]
         .iter()
@@ -92,28 +90,24 @@ fn backend_states_match_ggml_and_do_not_depend_on_threads() {
         .collect();
     let input = dir.path().join("histories.jsonl");
     std::fs::write(&input, histories.join("\n") + "\n").unwrap();
-    let ours2 = embed(dir.path(), &input, "2", None);
-    let ours1 = embed(dir.path(), &input, "1", None);
-    let ggml = embed(dir.path(), &input, "2", Some("ggml"));
+    let (ours2, dim) = embed(dir.path(), &input, "2", None);
+    let (ours1, _) = embed(dir.path(), &input, "1", None);
+    let (ggml, _) = embed(dir.path(), &input, "2", Some("ggml"));
     assert_eq!(ours1, ours2, "hidden states differ between 1 and 2 threads");
-    for (k, (a, b)) in ours2.chunks(640).zip(ggml.chunks(640)).enumerate() {
-        let max = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        let dot: f64 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (*x as f64) * (*y as f64))
-            .sum();
-        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    if illmrec::kernels::install() == State::On {
+        // the variable reached the child and ggml's kernels ran instead
+        assert_ne!(ours2, ggml, "ILLMREC_KERNELS=ggml changed nothing");
+    }
+    for (k, (a, b)) in ours2.chunks(dim).zip(ggml.chunks(dim)).enumerate() {
+        let (diff, max) = (max_abs_diff(a, b), max_abs(b));
         assert!(
             diff / max < 3e-3,
             "history {k}: max abs diff {diff} of {max}"
         );
         assert!(
-            dot / (na * nb) > 0.99999,
+            cosine(a, b) > 0.99999,
             "history {k}: cosine {}",
-            dot / (na * nb)
+            cosine(a, b)
         );
     }
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::{cosine, max_abs, max_abs_diff};
 use illmrec::llm::{
     token_embedding_row, Context, ContextOptions, GgufInfo, Input, Model, ModelOptions,
 };
@@ -32,23 +33,6 @@ fn context(model: &Arc<Model>) -> Context {
         },
     )
     .unwrap()
-}
-
-fn max_abs(a: &[f32]) -> f32 {
-    a.iter().fold(0f32, |m, x| m.max(x.abs()))
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
-        * b.iter().map(|x| x * x).sum::<f32>().sqrt())
 }
 
 #[test]

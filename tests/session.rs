@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::{cosine, rel_diff};
 use illmrec::recommender::{Options, Recommender, RequestError, SessionState};
 use std::collections::HashSet;
 use std::path::Path;
@@ -34,19 +35,6 @@ fn all_scores(rec: &Recommender, user: &illmrec::recommender::UserVector) -> Vec
         .into_iter()
         .map(|s| s.unwrap_or(0.0))
         .collect()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (na * nb)
-}
-
-/// Largest score difference relative to the largest score magnitude.
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]

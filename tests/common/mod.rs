@@ -81,6 +81,30 @@ pub fn movies(n: usize) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The largest magnitude of `a`.
+pub fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+/// The largest element-wise difference of `a` and `b`.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The largest difference relative to `b`'s largest magnitude.
+pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    max_abs_diff(a, b) / max_abs(b)
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
+        * b.iter().map(|x| x * x).sum::<f32>().sqrt())
+}
+
 /// Deterministic pseudo-random values in [-1, 1).
 pub fn seeded(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed

@@ -43,9 +43,9 @@ def cpu_name():
 def runtime_bench(bundle, dataset, users, warmup, threads, extra=(), bin=BIN):
     """`illmrec bench --json`; words NAME=VALUE in `extra` set its environment (e.g.
     ILLMREC_KERNELS=ggml), the rest are options."""
-    env = dict(os.environ)
-    env.update(w.split("=", 1) for w in extra if "=" in w and not w.startswith("-"))
-    opts = [w for w in extra if not ("=" in w and not w.startswith("-"))]
+    is_env = [("=" in w and not w.startswith("-")) for w in extra]
+    env = dict(os.environ, **dict(w.split("=", 1) for w, e in zip(extra, is_env) if e))
+    opts = [w for w, e in zip(extra, is_env) if not e]
     out = subprocess.run([str(bin), "bench", "--bundle", str(bundle), "--dataset", str(dataset),
                           "--users", str(users), "--warmup", str(warmup), "--threads", str(threads),
                           "--images", "0", "--json", *opts], check=True, capture_output=True, text=True,
