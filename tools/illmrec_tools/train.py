@@ -206,15 +206,24 @@ class Trainer:
         c.batch_repeat_interleave(len(embeds))
         return self.model.model(inputs_embeds=x, past_key_values=c, use_cache=True).last_hidden_state
 
-    def ire_loss(self, batch):
+    def rec_states(self, histories):
+        """The final-norm hidden state at [REC] for each history (the runtime's user state)."""
         embeds = []
-        for s in batch:
-            ids, mk = tokenize(self.tok, segments(self.tok, self.data.items, s["history"], self.style,
+        for hist in histories:
+            ids, mk = tokenize(self.tok, segments(self.tok, self.data.items, hist, self.style,
                                                   self.data.has_image))
             embeds.append(self.embed_prompt(ids, mk, self.ire_prefix))
         h = self.run_llm(embeds, "ire")
-        h = h[torch.arange(len(batch), device=self.dev), torch.tensor([len(e) - 1 for e in embeds], device=self.dev)]
-        h = h.float()
+        h = h[torch.arange(len(histories), device=self.dev), torch.tensor([len(e) - 1 for e in embeds], device=self.dev)]
+        return h.float()
+
+    def ire_loss(self, batch, loss="bce"):
+        """Reference IRE: per modality, BCE on the target's and one random negative's dot products.
+        loss="softmax": cross-entropy of the target against the whole catalog on the combined score
+        and on each modality's score (the staged heads' objective; more signal per sample)."""
+        h = self.rec_states([s["history"] for s in batch])
+        if loss == "softmax":
+            return self.softmax_loss(h, [s["target"] for s in batch])
         bce = nn.functional.binary_cross_entropy_with_logits
         total = 0.0
         for m in MODALITIES:
@@ -226,6 +235,60 @@ class Trainer:
                     logit = (u[mask] * v).sum(-1)
                     total = total + bce(logit, torch.full_like(logit, label))
         return total / len(MODALITIES)
+
+    def catalog_scores(self, h):
+        """Per-modality [B, n_items] scores (-inf where an item lacks the modality) and the combined
+        score (mean over the modalities an item has, as the runtime scores) over every catalog item."""
+        ids = self.data.ids.tolist()
+        per, total, count = {}, 0.0, 0.0
+        for m in MODALITIES:
+            x, mask = self.data.rows(m, ids)
+            s = self.rec.head("u", m, h) @ self.rec.head("i", m, x).T
+            per[m] = s.masked_fill(~mask, float("-inf"))
+            total = total + s * mask
+            count = count + mask.float()
+        return per, total / count
+
+    def softmax_loss(self, h, targets):
+        index = {int(i): k for k, i in enumerate(self.data.ids)}
+        y = torch.tensor([index[t] for t in targets], device=self.dev)
+        per, comb = self.catalog_scores(h)
+        ce = nn.functional.cross_entropy
+        loss = ce(comb, y)
+        for m in MODALITIES:
+            has = torch.isfinite(per[m][torch.arange(len(y), device=self.dev), y])
+            if has.any():
+                loss = loss + ce(per[m][has], y[has]) / len(MODALITIES)
+        return loss
+
+    @torch.no_grad()
+    def validate(self, cases, batch_size=8):
+        """Protocol metrics (target among its 100 stored negatives, ties against the target) on
+        `cases` (rows of valid.jsonl), histories cut to the newest 10 items as the runtime does;
+        plus a ridge probe: R^2 of the [REC] states predicting the mean image feature of the history."""
+        index = {int(i): k for k, i in enumerate(self.data.ids)}
+        ranks, states = [], []
+        for b in range(0, len(cases), batch_size):
+            chunk = cases[b:b + batch_size]
+            h = self.rec_states([c["history"][-10:] for c in chunk])
+            states.append(h)
+            comb = self.catalog_scores(h)[1]
+            for row, c in zip(comb, chunk):
+                t = row[index[c["target"]]]
+                negs = row[torch.tensor([index[i] for i in c["negatives"]], device=self.dev)]
+                ranks.append(int((negs >= t).sum()))
+        r = np.array(ranks)
+        out = {"hr@5": float((r < 5).mean()), "ndcg@5": float(np.where(r < 5, 1 / np.log2(r + 2), 0).mean()),
+               "ndcg@10": float(np.where(r < 10, 1 / np.log2(r + 2), 0).mean())}
+        out["probe_r2_img"] = probe_r2(torch.cat(states), self.mean_feature("img", [c["history"][-10:] for c in cases]))
+        return out
+
+    def mean_feature(self, m, histories):
+        rows = []
+        for hist in histories:
+            x, mask = self.data.rows(m, hist)
+            rows.append(x[mask].mean(0) if mask.any() else torch.zeros(x.shape[1], device=x.device))
+        return torch.stack(rows)
 
     def ila_loss(self, batch):
         embeds, targets = [], []
@@ -249,6 +312,21 @@ class Trainer:
         if self.vocab_mask is not None:
             logits = logits.masked_fill(self.vocab_mask, float("-inf"))
         return nn.functional.cross_entropy(logits, labels)
+
+
+def probe_r2(x, y, ridge=10.0):
+    """Ridge regression from x to y fitted on the first half of the rows, R^2 (variance explained,
+    pooled over y's dimensions) on the second half: how much of y the states keep."""
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    n = len(x) // 2
+    if n < 2:
+        return float("nan")
+    xa, xb, ya, yb = x[:n].double(), x[n:].double(), y[:n].double(), y[n:].double()
+    mu = ya.mean(0)
+    w = torch.linalg.solve(xa.T @ xa + ridge * torch.eye(x.shape[1], dtype=xa.dtype), xa.T @ (ya - mu))
+    res = ((yb - mu - xb @ w) ** 2).sum()
+    tot = ((yb - yb.mean(0)) ** 2).sum()
+    return float(1 - res / tot)
 
 
 def heads_config(llm_dim, item_dims, prompt, image_dim, trained, provenance, train_seconds=None):
@@ -288,6 +366,15 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=5, help="steps")
     ap.add_argument("--max-minutes", type=float, help="stop (checkpoint + export) after this long")
     ap.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="exported heads")
+    ap.add_argument("--ire-loss", choices=["bce", "softmax"], default="bce",
+                    help="bce: the reference (target + 1 random negative per modality); softmax: the target "
+                         "against the whole catalog")
+    ap.add_argument("--ila-weight", type=float, default=1.0, help="weight of the ILA loss (0: IRE only, "
+                    "half the cost per sample)")
+    ap.add_argument("--valid-every", type=int, default=0,
+                    help="every N samples, HR@5/NDCG on --valid-users validation users and the probe R^2 "
+                         "(appended to OUT/valid.jsonl)")
+    ap.add_argument("--valid-users", type=int, default=200)
     ap.add_argument("--model", type=Path, default=DEFAULT_GGUF)
     ap.add_argument("--device", default="cpu", help="torch device (cuda for a GPU)")
     ap.add_argument("--bf16", action="store_true", help="run the LLM under bf16 autocast")
@@ -349,6 +436,25 @@ def main(argv=None):
         torch.save(st, tmp)
         os.replace(tmp, ckpt)
 
+    valid_cases = []
+    if a.valid_every:
+        rows = read_jsonl(a.dataset / "valid.jsonl")
+        pick = np.random.default_rng(a.seed).permutation(len(rows))[:a.valid_users]
+        valid_cases = [rows[k] for k in sorted(pick)]
+
+    def validate():
+        t = time.time()
+        with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
+            mv = trainer.validate(valid_cases)
+        row = dict(step=step, samples=step * a.batch_size, users=len(valid_cases), seconds=time.time() - t, **mv)
+        with open(a.out / "valid.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"valid at {row['samples']} samples: HR@5 {mv['hr@5']:.4f} NDCG@5 {mv['ndcg@5']:.4f} "
+              f"NDCG@10 {mv['ndcg@10']:.4f} probe R2 {mv['probe_r2_img']:.3f} ({row['seconds']:.0f} s)", flush=True)
+
+    if valid_cases and step == 0 and not (a.out / "valid.jsonl").exists():
+        validate()
+    steps_per_valid = max(1, a.valid_every // a.batch_size) if a.valid_every else 0
     samples, t0, acc = None, time.time(), []
     while step < total:
         epoch, k = divmod(step, per_epoch)
@@ -356,9 +462,10 @@ def main(argv=None):
             samples = (epoch, epoch_samples(data, a.seed, epoch, qtypes))
         batch = samples[1][k * a.batch_size:(k + 1) * a.batch_size]
         with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
-            ire, ila = trainer.ire_loss(batch), trainer.ila_loss(batch)
+            ire = trainer.ire_loss(batch, a.ire_loss)
+            ila = trainer.ila_loss(batch) if a.ila_weight else torch.zeros(())
         opt.zero_grad()
-        (ire + ila).backward()
+        (ire + a.ila_weight * ila).backward()
         opt.step()
         sched.step()
         step += 1
@@ -376,6 +483,9 @@ def main(argv=None):
             t0, acc = time.time(), []
         if step % a.ckpt_every == 0:
             save()
+        if steps_per_valid and (step % steps_per_valid == 0 or step == total):
+            save()
+            validate()
         if a.max_minutes and time.time() - t_start > 60 * a.max_minutes:
             print(f"time budget reached at step {step}/{total}", flush=True)
             break
