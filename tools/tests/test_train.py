@@ -82,6 +82,38 @@ def test_training_lowers_loss_and_exports(llm, tiny, tmp_path):
     assert printed.strip()
 
 
+def test_softmax_loss_falls_and_validation_reports(llm, tiny, tmp_path):
+    model, tok = llm
+    data = tr.Data(tiny)
+    torch.manual_seed(0)
+    rec = tr.RecModule(640, {m: data.feats[m].shape[1] for m in tr.MODALITIES}, 1024)
+    trainer = tr.Trainer(model, tok, data, rec, "image")
+    batch = tr.epoch_samples(data, 0, 0, ["title", "genres"])[:2]
+    opt = torch.optim.AdamW(rec.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(4):  # the target against the whole catalog: must go down on a repeated batch
+        loss = trainer.ire_loss(batch, "softmax")
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0], losses
+    # the training targets' combined scores, now above the catalog's mean
+    h = trainer.rec_states([s["history"] for s in batch])
+    comb = trainer.catalog_scores(h)[1]
+    index = {int(i): k for k, i in enumerate(data.ids)}
+    for row, s in zip(comb, batch):
+        assert row[index[s["target"]]] > row.mean()
+
+    out = tmp_path / "run"
+    tr.main(["--dataset", str(tiny), "--out", str(out), "--max-samples", "2", "--batch-size", "2",
+             "--ila-weight", "0", "--ire-loss", "softmax", "--valid-every", "2", "--valid-users", "6"])
+    rows = [json.loads(line) for line in (out / "valid.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in rows] == [0, 2]  # before training, then at the end
+    for r in rows:
+        assert r["users"] == 6 and 0 <= r["ndcg@5"] <= r["hr@5"] <= 1 and r["probe_r2_img"] <= 1
+
+
 def test_token_embedding_training_exports_a_gguf(llm, tiny, tmp_path):
     """--train-token-embeddings: only the rows of tokens seen in the prompts move, the new table is
     written into a copy of the GGUF with the base LM head kept, and the runtime runs on it."""
