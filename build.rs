@@ -30,11 +30,11 @@ fn ggml_source_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// src/kernels.cpp: the AVX-512 attention and GEGLU backend (x86_64, static builds). It includes
+/// src/engine/kernels.cpp: the AVX-512 attention and GEGLU backend (x86_64, static builds). It includes
 /// ggml's backend interface header (`ggml-backend-impl.h`, not installed), read from the same
 /// llama.cpp sources llama-cpp-sys-2 built.
 fn build_kernels(variants: bool) {
-    println!("cargo:rerun-if-changed=src/kernels.cpp");
+    println!("cargo:rerun-if-changed=src/engine/kernels.cpp");
     println!("cargo::rustc-check-cfg=cfg(illmrec_kernels)");
     let x86 = std::env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
     if !x86 || variants {
@@ -46,7 +46,7 @@ fn build_kernels(variants: bool) {
     };
     cc::Build::new()
         .cpp(true)
-        .file("src/kernels.cpp")
+        .file("src/engine/kernels.cpp")
         .include(ggml.join("include"))
         .include(ggml.join("src"))
         .flag("-std=c++17")
@@ -62,7 +62,7 @@ fn main() {
     build_kernels(std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_some());
     // ggml's BLAS backend (GGML_BLAS, on by default through .cargo/config.toml; llama-cpp-sys-2
     // reads the same variable, and turns it off on Apple). In the static build its three
-    // OpenBLAS functions are defined by src/blas.rs, which opens OpenBLAS at run time.
+    // OpenBLAS functions are defined by src/engine/blas.rs, which opens OpenBLAS at run time.
     println!("cargo:rerun-if-env-changed=GGML_BLAS");
     println!("cargo::rustc-check-cfg=cfg(illmrec_blas)");
     let blas = std::env::var("GGML_BLAS")

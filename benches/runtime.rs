@@ -4,9 +4,9 @@
 //!     cargo bench --bench runtime
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use illmrec::bank::{write_bank, Bank, BankRows, Modality};
-use illmrec::heads::{random_tensors, write_safetensors, Heads, HeadsConfig, WeightDtype};
+use illmrec::method::heads::{random_tensors, write_safetensors, Heads, HeadsConfig, WeightDtype};
 use illmrec::recommender::{Options, Recommender};
+use illmrec::store::bank::{write_bank, Bank, BankRows, Modality};
 use std::collections::HashSet;
 use std::path::Path;
 

@@ -1,51 +1,35 @@
 //! illmrec: an on-device runtime for I-LLMRec, an LLM recommender that writes each history item
 //! as its title plus one visual token.
 //!
-//! Layout:
-//! - [`llm`]: the llama.cpp engine (FFI `unsafe`);
-//! - [`cpu`]: CPU feature and AMX probes, and the choice of ggml's CPU variant (CPUID `unsafe`);
-//! - [`heads`]: adaptor, `[REC]` and retrieval heads from a checkpoint;
-//! - [`bank`]: memory-mapped feature banks;
-//! - [`catalog`], [`bundle`]: items and the deployment folder;
-//! - [`prompt`]: the reference prompt;
-//! - [`item_vectors`]: the cached catalog side of scoring;
-//! - [`image_encoder`], [`mobilenet`]: item images to features inside the runtime;
-//! - [`items_edit`]: adding, removing and replacing an item of a bundle;
-//! - [`eval`]: the evaluation protocol (HR@k, NDCG@k, reference rankers);
-//! - [`rank`]: top-k selection over scored ids (pure);
-//! - [`dot16`]: f32 · f16 dot products (the catalog scan's kernel);
-//! - [`verified`]: stamps that let whole-file checks run once per file version;
-//! - [`synthetic`]: a synthetic catalog of N items and its measurements (`bench-catalog`);
-//! - [`sweep`]: the history-length sweep of `bench --sweep` (the paper's Fig. 3) and its
-//!   tables and plot;
-//! - [`batch`]: batch scoring records, `--shard` selection and the resumable output;
-//! - [`recommender`]: everything together;
-//! - [`npy`], [`jsonl`], [`fsutil`]: file helpers;
-//! - [`fuzz`]: seeded mutation fuzzing of every parser of outside bytes (tests and
-//!   `examples/fuzz.rs`).
+//! # Layout
+//!
+//! Layers, each using only those listed before it:
+//!
+//! - [`store`]: files without a model: feature banks, the catalog, `.npy` and JSON-lines readers,
+//!   verified-file stamps, atomic writes;
+//! - [`engine`]: llama.cpp (the only FFI to llama.cpp and ggml): backend, GGUF, model, context,
+//!   batching, saved states, quantization, CPU variants, OpenBLAS, illmrec's AVX-512 kernels;
+//! - [`images`]: item images to feature rows (decoding, resizing, the MobileNet embedding);
+//! - [`method`]: I-LLMRec outside the LLM: prompt, heads, item vectors, ranking, evaluation;
+//! - [`bundle`]: the deployment folder: manifest, verification, creation, item edits;
+//! - [`recommender`]: everything together: a bundle's model, heads and catalog answering
+//!   requests, and batch scoring;
+//! - [`bench`] (feature `bench`) and [`fuzz`] (feature `fuzz`): measuring and fuzzing tools.
+//!
+//! The front ends are not in the library: `src/main.rs` with `src/cli/` (one file per command)
+//! and `src/server/` (the kiosk's HTTP service) make the `illmrec` binary; `tools/python` holds
+//! the Python bindings. The library never prints: errors and warnings go up to them.
 
-pub mod bank;
-pub mod batch;
-pub mod blas;
+#![deny(unsafe_code)]
+
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod bundle;
-pub mod catalog;
-pub mod cpu;
-pub mod dot16;
-pub mod eval;
-pub mod fsutil;
+#[allow(unsafe_code)]
+pub mod engine;
+#[cfg(feature = "fuzz")]
 pub mod fuzz;
-pub mod heads;
-pub mod image_encoder;
-pub mod item_vectors;
-pub mod items_edit;
-pub mod jsonl;
-pub mod kernels;
-pub mod llm;
-pub mod mobilenet;
-pub mod npy;
-pub mod prompt;
-pub mod rank;
+pub mod images;
+pub mod method;
 pub mod recommender;
-pub mod sweep;
-pub mod synthetic;
-pub mod verified;
+pub mod store;

@@ -1,4 +1,7 @@
-//! The `illmrec` command line.
+//! The `illmrec` command line: parses the arguments ([`cli`]), runs the command, and prints its
+//! error. The kiosk server ([`server`]) is started by `illmrec serve`.
+
+#![deny(unsafe_code)]
 
 mod cli;
 mod server;
@@ -10,6 +13,7 @@ fn main() -> ExitCode {
     // Output into a closed pipe (`illmrec bank inspect F | head -1`) ends the process quietly,
     // as for any Unix filter, instead of a panic in println!.
     #[cfg(unix)]
+    #[allow(unsafe_code)]
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -18,8 +22,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the error and its causes, outermost first.
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            cli::messages::error(&e);
             ExitCode::FAILURE
         }
     }

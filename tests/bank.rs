@@ -3,7 +3,7 @@
 mod common;
 
 use half::f16;
-use illmrec::bank::{write_bank, Bank, BankHeader, BankRows, DType, Modality};
+use illmrec::store::bank::{write_bank, Bank, BankHeader, BankRows, DType, Modality};
 
 fn sample(n: usize, dim: usize) -> (Vec<u64>, Vec<f32>) {
     // Ids deliberately out of order: the writer sorts them.
@@ -170,7 +170,7 @@ fn cli_build_and_inspect() {
     let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
     std::fs::write(
         p("x.npy"),
-        illmrec::npy::encode_f32(3, 4, &common::seeded(1, 12)),
+        illmrec::store::npy::encode_f32(3, 4, &common::seeded(1, 12)),
     )
     .unwrap();
     std::fs::write(p("ids.txt"), "10\n30\n20\n").unwrap();
@@ -228,7 +228,7 @@ fn cli_build_and_inspect() {
         &p("y.bank"),
     ]);
     common::assert_clean_error(&out, "line 2");
-    std::fs::write(p("v.npy"), illmrec::npy::encode_i64(&[1, 2, 3])).unwrap();
+    std::fs::write(p("v.npy"), illmrec::store::npy::encode_i64(&[1, 2, 3])).unwrap();
     let out = common::illmrec(&[
         "bank",
         "build",

@@ -490,7 +490,7 @@ fn candidate_scores_do_not_depend_on_excluded_candidates() {
 /// kernels for this CPU; a missing library is a one-line error, not a crash inside ggml.
 #[test]
 fn the_default_build_uses_openblas_and_reports_a_missing_one() {
-    if !illmrec::blas::BUILT {
+    if !illmrec::engine::blas::BUILT {
         return; // built with GGML_BLAS=OFF
     }
     let info = illmrec_ok(&["info"]);
@@ -502,7 +502,7 @@ fn the_default_build_uses_openblas_and_reports_a_missing_one() {
         line.contains("OpenBLAS") && line.contains("kernels"),
         "{line}"
     );
-    if illmrec::blas::CpuLevel::detect().avx512 {
+    if illmrec::engine::blas::CpuLevel::detect().avx512 {
         assert!(
             line.contains("SkylakeX"),
             "AVX-512 CPU without AVX-512 kernels: {line}"

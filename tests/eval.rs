@@ -199,7 +199,7 @@ fn items_without_image_are_scored_on_the_modalities_they_have() {
     let mut rec = Recommender::open(
         bundle,
         Options {
-            context: illmrec::llm::ContextOptions {
+            context: illmrec::engine::ContextOptions {
                 n_threads: 2,
                 ..Default::default()
             },
@@ -208,7 +208,7 @@ fn items_without_image_are_scored_on_the_modalities_they_have() {
     )
     .unwrap();
     let no_image = ids[2];
-    assert!(rec.banks[&illmrec::bank::Modality::Img]
+    assert!(rec.banks[&illmrec::store::bank::Modality::Img]
         .get(no_image)
         .is_none());
     // In a history: the prompt has two visual tokens for three items.
@@ -218,11 +218,12 @@ fn items_without_image_are_scored_on_the_modalities_they_have() {
     let text_slot = rec
         .modalities()
         .iter()
-        .position(|m| *m == illmrec::bank::Modality::Text)
+        .position(|m| *m == illmrec::store::bank::Modality::Text)
         .unwrap();
     let i = rec.catalog.position(no_image).unwrap();
     // (One dot product over the f16 row, whose image part is zeros: equal to float rounding.)
-    let want = illmrec::heads::dot(&user.vectors[text_slot], &rec.items.vector(i, text_slot));
+    let want =
+        illmrec::method::heads::dot(&user.vectors[text_slot], &rec.items.vector(i, text_slot));
     let got = rec.score_items(&user, &[no_image]).unwrap()[0].unwrap();
     assert!(
         (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
@@ -231,7 +232,7 @@ fn items_without_image_are_scored_on_the_modalities_they_have() {
     // An item with both: the mean of two dot products.
     let j = rec.catalog.position(ids[0]).unwrap();
     let both: f32 = (0..2)
-        .map(|m| illmrec::heads::dot(&user.vectors[m], &rec.items.vector(j, m)))
+        .map(|m| illmrec::method::heads::dot(&user.vectors[m], &rec.items.vector(j, m)))
         .sum::<f32>()
         / 2.0;
     let got = rec.score_items(&user, &[ids[0]]).unwrap()[0].unwrap();

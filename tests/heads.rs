@@ -2,7 +2,7 @@
 
 mod common;
 
-use illmrec::heads::{random_tensors, write_safetensors, Heads, HeadsConfig, WeightDtype};
+use illmrec::method::heads::{random_tensors, write_safetensors, Heads, HeadsConfig, WeightDtype};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 
@@ -179,7 +179,7 @@ fn any_subset_of_modalities_loads() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config();
     cfg.item_dims.retain(|k, _| k == "text");
-    cfg.prompt = illmrec::prompt::PromptStyle::Title;
+    cfg.prompt = illmrec::method::prompt::PromptStyle::Title;
     std::fs::write(
         dir.path().join("heads.json"),
         serde_json::to_string(&cfg).unwrap(),
@@ -188,6 +188,9 @@ fn any_subset_of_modalities_loads() {
     let path = dir.path().join("t.safetensors");
     write_safetensors(&path, &random_tensors(&cfg, 2).unwrap(), WeightDtype::Bf16).unwrap();
     let heads = Heads::load(&path, &dir.path().join("heads.json")).unwrap();
-    assert_eq!(heads.modalities(), vec![illmrec::bank::Modality::Text]);
+    assert_eq!(
+        heads.modalities(),
+        vec![illmrec::store::bank::Modality::Text]
+    );
     assert!(heads.adaptor.is_none());
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_clean_error, illmrec, s};
-use illmrec::heads::{encode_safetensors, random_tensors, HeadsConfig, WeightDtype};
+use illmrec::method::heads::{encode_safetensors, random_tensors, HeadsConfig, WeightDtype};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -55,7 +55,7 @@ fn replace_listed(bundle: &Path, name: &str, bytes: &[u8]) {
     for f in m["files"].as_array_mut().unwrap() {
         if f["path"] == name {
             f["size"] = bytes.len().into();
-            f["sha256"] = illmrec::fsutil::hex(&Sha256::digest(bytes)).into();
+            f["sha256"] = illmrec::store::fsutil::hex(&Sha256::digest(bytes)).into();
         }
     }
     std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{assert_clean_error, illmrec, illmrec_ok, s, shared_data};
-use illmrec::bank::Bank;
 use illmrec::bundle::Bundle;
+use illmrec::store::bank::Bank;
 use std::path::{Path, PathBuf};
 
 fn demo_bundle() -> PathBuf {
@@ -116,7 +116,7 @@ fn bank_build_from_images_equals_the_python_made_demo_bank() {
         "--threads",
         "1",
     ]);
-    let m = illmrec::npy::NpyArray::read(&npy).unwrap();
+    let m = illmrec::store::npy::NpyArray::read(&npy).unwrap();
     assert_eq!(m.shape, vec![3, 1024]);
     let listed: Vec<u64> = std::fs::read_to_string(&ids)
         .unwrap()
@@ -176,7 +176,7 @@ fn items_add_remove_replace_on_the_demo_bundle() {
     let b = Bundle::open(&bundle).unwrap();
     for f in &b.manifest.files {
         assert_eq!(
-            illmrec::fsutil::sha256_file(&b.file(&f.path)).unwrap(),
+            illmrec::store::fsutil::sha256_file(&b.file(&f.path)).unwrap(),
             f.sha256,
             "{}",
             f.path
@@ -185,7 +185,7 @@ fn items_add_remove_replace_on_the_demo_bundle() {
     let img = Bank::open(&bundle.join("img.bank")).unwrap();
     let demo_img = Bank::open(&demo_bundle().join("img.bank")).unwrap();
     assert_eq!(img.len(), demo_img.len() + 1);
-    let row = illmrec::image_encoder::ImageEncoder::new()
+    let row = illmrec::images::ImageEncoder::new()
         .unwrap()
         .encode_file(&poster)
         .unwrap();
@@ -386,7 +386,7 @@ fn items_add_killed_leaves_the_old_bundle_or_the_new_one() {
         let b = Bundle::open(&bundle).expect("a bundle after the kill");
         for f in &b.manifest.files {
             assert_eq!(
-                illmrec::fsutil::sha256_file(&b.file(&f.path)).unwrap(),
+                illmrec::store::fsutil::sha256_file(&b.file(&f.path)).unwrap(),
                 f.sha256,
                 "after {delay:?}"
             );

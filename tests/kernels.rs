@@ -1,13 +1,13 @@
-//! illmrec's AVX-512 kernels (src/kernels.cpp) through the real model: ggml's scheduler hands them
+//! illmrec's AVX-512 kernels (src/engine/kernels.cpp) through the real model: ggml's scheduler hands them
 //! the attention and GEGLU, and their hidden states match ggml's own kernels (the same binary
 //! with `ILLMREC_KERNELS=ggml`) and do not depend on the thread count.
 mod common;
 
 use common::{cosine, max_abs, max_abs_diff};
-use illmrec::catalog::Catalog;
-use illmrec::kernels::State;
-use illmrec::llm::{Context, ContextOptions, Input, Model, ModelOptions};
-use illmrec::npy::{NpyArray, NpyData};
+use illmrec::engine::kernels::State;
+use illmrec::engine::{Context, ContextOptions, Input, Model, ModelOptions};
+use illmrec::store::catalog::Catalog;
+use illmrec::store::npy::{NpyArray, NpyData};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -45,15 +45,15 @@ fn embed(dir: &Path, input: &Path, threads: &str, kernels: Option<&str>) -> (Vec
 #[test]
 fn the_scheduler_hands_attention_and_geglu_to_the_backend() {
     let model = Arc::new(Model::load(&common::model_path(), &ModelOptions::default()).unwrap());
-    let state = illmrec::kernels::install();
-    let before = illmrec::kernels::calls();
+    let state = illmrec::engine::kernels::install();
+    let before = illmrec::engine::kernels::calls();
     let mut ctx = Context::new(model.clone(), &ContextOptions::default()).unwrap();
     let tokens = model
         .tokenize(&"Toy Story (1995), Heat (1995), ".repeat(20), true)
         .unwrap();
     let inputs: Vec<Input> = tokens.into_iter().map(Input::Token).collect();
     ctx.last_hidden(&inputs, false).unwrap();
-    let after = illmrec::kernels::calls();
+    let after = illmrec::engine::kernels::calls();
     let used = (after.0 - before.0, after.1 - before.1);
     if state == State::On {
         // one attention and one GEGLU per layer (Gemma 3 270M: 18 layers)
@@ -94,7 +94,7 @@ fn backend_states_match_ggml_and_do_not_depend_on_threads() {
     let (ours1, _) = embed(dir.path(), &input, "1", None);
     let (ggml, _) = embed(dir.path(), &input, "2", Some("ggml"));
     assert_eq!(ours1, ours2, "hidden states differ between 1 and 2 threads");
-    if illmrec::kernels::install() == State::On {
+    if illmrec::engine::kernels::install() == State::On {
         // the variable reached the child and ggml's kernels ran instead
         assert_ne!(ours2, ggml, "ILLMREC_KERNELS=ggml changed nothing");
     }

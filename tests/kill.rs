@@ -42,10 +42,10 @@ fn bank_build_killed_leaves_the_old_bank_or_the_new_one() {
     std::fs::create_dir_all(&dir).unwrap();
     let (n, dim) = (30_000usize, 128usize);
     let ids: Vec<i64> = (0..n as i64).collect();
-    std::fs::write(dir.join("ids.npy"), illmrec::npy::encode_i64(&ids)).unwrap();
+    std::fs::write(dir.join("ids.npy"), illmrec::store::npy::encode_i64(&ids)).unwrap();
     for (name, seed) in [("old.npy", 1), ("new.npy", 2)] {
         let v = common::seeded(seed, n * dim);
-        std::fs::write(dir.join(name), illmrec::npy::encode_f32(n, dim, &v)).unwrap();
+        std::fs::write(dir.join(name), illmrec::store::npy::encode_f32(n, dim, &v)).unwrap();
     }
     let build = |npy: &str, out: &Path| -> Vec<String> {
         [
@@ -75,7 +75,10 @@ fn bank_build_killed_leaves_the_old_bank_or_the_new_one() {
             now == old || now == new,
             "killed after {delay:?}: a mixed bank"
         );
-        illmrec::bank::Bank::open(&out).unwrap().verify().unwrap();
+        illmrec::store::bank::Bank::open(&out)
+            .unwrap()
+            .verify()
+            .unwrap();
         if now == new {
             std::fs::write(&out, &old).unwrap();
         }
@@ -94,11 +97,15 @@ fn bundle_create_killed_leaves_a_usable_bundle() {
     let create = |heads: &Path| common::bundle_create_args(src, &out, heads, true);
     // Other heads for the new bundle, so that old and new manifests differ.
     let cfg = std::fs::read(src.join("heads-config.json")).unwrap();
-    let cfg = illmrec::heads::HeadsConfig::parse(&cfg).unwrap();
-    let tensors = illmrec::heads::random_tensors(&cfg, 99).unwrap();
+    let cfg = illmrec::method::heads::HeadsConfig::parse(&cfg).unwrap();
+    let tensors = illmrec::method::heads::random_tensors(&cfg, 99).unwrap();
     let new_heads = dir.join("new.safetensors");
-    illmrec::heads::write_safetensors(&new_heads, &tensors, illmrec::heads::WeightDtype::F16)
-        .unwrap();
+    illmrec::method::heads::write_safetensors(
+        &new_heads,
+        &tensors,
+        illmrec::method::heads::WeightDtype::F16,
+    )
+    .unwrap();
     let old_heads = src.join("heads-src.safetensors");
     let span = common::run_timed(&create(&old_heads)).mul_f64(1.3);
     std::fs::write(out.join("NOTES.txt"), "not the bundle's").unwrap();

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{cosine, max_abs, max_abs_diff};
-use illmrec::llm::{
+use illmrec::engine::{
     token_embedding_row, Context, ContextOptions, GgufInfo, Input, Model, ModelOptions,
 };
 use std::sync::Arc;

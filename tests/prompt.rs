@@ -3,7 +3,7 @@
 
 mod common;
 
-use illmrec::prompt::{render, Segment};
+use illmrec::method::prompt::{render, Segment};
 use illmrec::recommender::{tokenize, MissingImage, Options, Recommender};
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -25,7 +25,7 @@ fn open(opts: Options) -> Recommender {
     Recommender::open(
         &bundle().0,
         Options {
-            context: illmrec::llm::ContextOptions {
+            context: illmrec::engine::ContextOptions {
                 n_threads: 2,
                 ..opts.context.clone()
             },
@@ -104,7 +104,7 @@ fn prompt_for_1_2_and_10_items_token_for_token() {
             let Segment::Vector(v) = &segments[2 * k + 1] else {
                 unreachable!()
             };
-            let feature = rec.banks[&illmrec::bank::Modality::Img]
+            let feature = rec.banks[&illmrec::store::bank::Modality::Img]
                 .row(*id)
                 .unwrap()
                 .to_f32();
@@ -178,7 +178,7 @@ fn truncation_keeps_the_newest_items() {
     assert_eq!(dropped, 0);
 
     let small = open(Options {
-        context: illmrec::llm::ContextOptions {
+        context: illmrec::engine::ContextOptions {
             n_ctx: 200,
             ..Default::default()
         },
@@ -204,9 +204,9 @@ fn the_cached_prefix_is_shared_by_every_prompt() {
     let illmrec::recommender::Piece::Tokens(first) = &pieces[0] else {
         unreachable!()
     };
-    let inputs: Vec<illmrec::llm::Input> = first
+    let inputs: Vec<illmrec::engine::Input> = first
         .iter()
-        .map(|&t| illmrec::llm::Input::Token(t))
+        .map(|&t| illmrec::engine::Input::Token(t))
         .collect();
     let ctx = rec.context();
     assert!(!ctx.prefix().is_empty());
@@ -228,7 +228,7 @@ fn fitting_matches_a_scan_over_every_start() {
         (MissingImage::Text, 1500),
     ] {
         let rec = open(Options {
-            context: illmrec::llm::ContextOptions {
+            context: illmrec::engine::ContextOptions {
                 n_ctx,
                 ..Default::default()
             },
@@ -236,7 +236,7 @@ fn fitting_matches_a_scan_over_every_start() {
             missing_image: missing,
             ..Options::default()
         });
-        let task = &illmrec::prompt::template().task;
+        let task = &illmrec::method::prompt::template().task;
         let budget = n_ctx as usize - (rec.model().tokenize(task, true).unwrap().len() - 1);
         let (segments, used, dropped) = rec.prompt(&history).unwrap();
         assert!(dropped > 0, "{missing:?} {n_ctx}: nothing to fit");

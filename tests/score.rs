@@ -55,14 +55,14 @@ fn score_args(input: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
 
 /// The records a killed run has committed: the partial file up to the journal's last entry.
 fn committed(output: &Path) -> Vec<u8> {
-    let (partial, journal) = illmrec::batch::work_files(output).unwrap();
+    let (partial, journal) = illmrec::store::journal::work_files(output).unwrap();
     let Ok(j) = std::fs::read(&journal) else {
         return Vec::new();
     };
     let p = std::fs::read(&partial).unwrap_or_default();
     let header: serde_json::Value =
         serde_json::from_slice(j.split(|&b| b == b'\n').next().unwrap()).unwrap();
-    let point = illmrec::batch::resume_point(&j, &header["run"], p.len() as u64).unwrap();
+    let point = illmrec::store::journal::resume_point(&j, &header["run"], p.len() as u64).unwrap();
     p[..point.end as usize].to_vec()
 }
 
@@ -110,7 +110,7 @@ fn score_killed_then_resumed_equals_the_uninterrupted_run() {
         complete,
         "users lost, repeated or scored differently"
     );
-    let (partial, journal) = illmrec::batch::work_files(&output).unwrap();
+    let (partial, journal) = illmrec::store::journal::work_files(&output).unwrap();
     assert!(!partial.exists() && !journal.exists(), "work files left");
 
     // A journal of another run is not resumed into.

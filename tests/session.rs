@@ -16,7 +16,7 @@ fn demo() -> Recommender {
     Recommender::open(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo-bundle"),
         Options {
-            context: illmrec::llm::ContextOptions {
+            context: illmrec::engine::ContextOptions {
                 n_threads: 2,
                 ..Default::default()
             },

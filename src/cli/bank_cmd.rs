@@ -2,8 +2,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand};
-use illmrec::bank::{write_bank, Bank, BankRows, DType, Modality};
-use illmrec::npy::{NpyArray, NpyData};
+use illmrec::store::bank::{write_bank, Bank, BankRows, DType, Modality};
+use illmrec::store::npy::{NpyArray, NpyData};
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
@@ -141,7 +141,7 @@ fn write(
         out.display(),
         dtype.name()
     );
-    println!("checksum {}", illmrec::fsutil::hex(&header.checksum));
+    println!("checksum {}", illmrec::store::fsutil::hex(&header.checksum));
     Ok(())
 }
 
@@ -158,7 +158,7 @@ fn read_ids(path: &Path) -> Result<Vec<u64>> {
             })
             .collect();
     }
-    let text = illmrec::fsutil::read_regular_string(path)?;
+    let text = illmrec::store::fsutil::read_regular_string(path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

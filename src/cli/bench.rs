@@ -1,14 +1,14 @@
 //! `illmrec bench`: what a deployment costs, measured in one run on one loaded model: load time,
 //! per-user latency and prompt positions for each way of writing items (image token, title only,
 //! description), the saving of the prefix KV cache, and memory. With `--sweep`, the same
-//! measurements against the history length (the paper's Fig. 3, [`illmrec::sweep`]), written as
+//! measurements against the history length (the paper's Fig. 3, [`illmrec::bench::sweep`]), written as
 //! markdown, CSV, JSON and a PNG plot.
 
 use super::RuntimeArgs;
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use illmrec::eval::load_split;
-use illmrec::prompt::PromptStyle;
+use illmrec::method::eval::load_split;
+use illmrec::method::prompt::PromptStyle;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -122,7 +122,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     // Positions that do not depend on the items: BOS, task text, closing text and [REC].
-    let t = illmrec::prompt::template();
+    let t = illmrec::method::prompt::template();
     let fixed = rec
         .model()
         .tokenize(
@@ -133,7 +133,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         + 1;
     let mut rows = Vec::new();
     for (c, (name, _, _)) in configs.iter().enumerate() {
-        let s = illmrec::sweep::summarize(&times[c]).context("no user was timed")?;
+        let s = illmrec::bench::sweep::summarize(&times[c]).context("no user was timed")?;
         rows.push(Row {
             config: name.to_string(),
             users: s.n,
@@ -237,9 +237,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--sweep`: runs [`illmrec::sweep::run`] and writes its four files.
+/// `--sweep`: runs [`illmrec::bench::sweep::run`] and writes its four files.
 fn sweep(a: &BenchArgs, lengths: &[usize]) -> Result<()> {
-    use illmrec::sweep;
+    use illmrec::bench::{report, sweep};
     let lengths = match lengths.is_empty() {
         true => sweep::default_lengths(),
         false => sweep::check_lengths(lengths)?,
@@ -254,7 +254,7 @@ fn sweep(a: &BenchArgs, lengths: &[usize]) -> Result<()> {
     opts.max_history = opts.max_history.max(longest);
     let threads = opts.context.n_threads;
     let mut rec = super::open_recommender(&a.bundle, opts)?;
-    let mut machine = sweep::Machine::detect(&mut rec, threads);
+    let mut machine = report::Machine::detect(&mut rec, threads);
     let plan = sweep::Plan {
         lengths,
         users: a.users,
@@ -263,8 +263,8 @@ fn sweep(a: &BenchArgs, lengths: &[usize]) -> Result<()> {
     let rows = sweep::run(&mut rec, &histories, &plan, &mut |l| {
         eprintln!("history length {l}…")
     })?;
-    machine.load_after = sweep::current_load();
-    let report = sweep::Report::new(
+    machine.load_after = report::current_load();
+    let report = report::Report::new(
         a.bundle.display().to_string(),
         a.dataset.display().to_string(),
         machine,
@@ -280,7 +280,7 @@ fn sweep(a: &BenchArgs, lengths: &[usize]) -> Result<()> {
         ("fig3.png", png),
     ];
     for (name, bytes) in &files {
-        illmrec::fsutil::write_atomic(&out.join(name), |w| Ok(w.write_all(bytes)?))?;
+        illmrec::store::fsutil::write_atomic(&out.join(name), |w| Ok(w.write_all(bytes)?))?;
     }
     print!("{}", report.markdown());
     eprintln!(
@@ -307,15 +307,15 @@ struct BatchRow {
 /// the settings in opposite orders, so that load that comes and goes weighs on all alike.
 fn batch_timings(
     rec: &mut illmrec::recommender::Recommender,
-    cases: &[&illmrec::eval::Case],
+    cases: &[&illmrec::method::eval::Case],
     settings: &[usize],
 ) -> Result<Vec<BatchRow>> {
     ensure!(
         settings
             .iter()
-            .all(|&b| (1..=illmrec::llm::MAX_BRANCHES).contains(&b)),
+            .all(|&b| (1..=illmrec::engine::MAX_BRANCHES).contains(&b)),
         "--batch-users takes 1 to {} users per call",
-        illmrec::llm::MAX_BRANCHES
+        illmrec::engine::MAX_BRANCHES
     );
     let mut seconds = vec![0.0; settings.len()];
     let order: Vec<usize> = (0..settings.len())
@@ -358,7 +358,7 @@ fn image_timings(dataset: &std::path::Path, n: usize) -> Result<Vec<EncodeRow>> 
     if n == 0 {
         return Ok(Vec::new());
     }
-    let text = illmrec::fsutil::read_regular_string(&dataset.join("items.jsonl"))?;
+    let text = illmrec::store::fsutil::read_regular_string(&dataset.join("items.jsonl"))?;
     // Image paths are relative to the repository root (the dataset's grandparent), as the
     // Python tools write them, or to the current folder.
     let root = dataset.parent().and_then(|p| p.parent());
@@ -385,7 +385,7 @@ fn image_timings(dataset: &std::path::Path, n: usize) -> Result<Vec<EncodeRow>> 
         );
         return Ok(Vec::new());
     }
-    let encoder = illmrec::image_encoder::ImageEncoder::new()?;
+    let encoder = illmrec::images::ImageEncoder::new()?;
     encoder.encode_file(&paths[0])?; // warm-up
     let mut rows = Vec::new();
     for threads in [1, 2] {

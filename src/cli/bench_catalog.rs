@@ -1,9 +1,9 @@
-//! `illmrec bench-catalog`: the synthetic-catalog benchmark ([`illmrec::synthetic`]) as a
+//! `illmrec bench-catalog`: the synthetic-catalog benchmark ([`illmrec::bench::synthetic`]) as a
 //! markdown table or JSON.
 
 use anyhow::{Context, Result};
 use clap::Args;
-use illmrec::synthetic::{run as measure, Report, Spec};
+use illmrec::bench::synthetic::{run as measure, Report, Spec};
 use std::path::PathBuf;
 
 #[derive(Args)]

@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use illmrec::bank::Modality;
 use illmrec::bundle::{self, Bundle, BundleSpec};
+use illmrec::store::bank::Modality;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]

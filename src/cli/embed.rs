@@ -7,29 +7,21 @@
 //! resumable: rows go to `OUT.partial` and are synced every few seconds; re-running the same
 //! command continues after the last whole line.
 
-use super::{BatchArgs, RuntimeArgs};
+use super::UsersFileArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use illmrec::jsonl::{self, HistoryLine};
-use illmrec::npy::RowWriter;
+use illmrec::store::jsonl::{self, HistoryLine};
+use illmrec::store::npy::RowWriter;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// The bundle folder (its adaptor and `[REC]` vector shape the prompt).
-    #[arg(long, value_name = "DIR")]
-    bundle: PathBuf,
+    /// The bundle, and the input: one history per line. `--batch-users` does not combine with
+    /// `--prefixes`, whose windows already decode up to 16 prefixes together.
     #[command(flatten)]
-    runtime: RuntimeArgs,
-    /// Users decoded together per llama.cpp call (not with --prefixes, whose windows already
-    /// decode up to 16 prefixes together).
-    #[command(flatten)]
-    batch: BatchArgs,
-    /// JSON-lines input, one history per line.
-    #[arg(long, value_name = "FILE")]
-    input: PathBuf,
+    users: UsersFileArgs,
     /// Output `.npy`: float32 [lines, n_embd], the LLM's final-norm hidden state at `[REC]`.
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
@@ -54,16 +46,16 @@ fn user_path(output: &Path) -> PathBuf {
 pub fn run(a: EmbedArgs) -> Result<()> {
     let per_call = match a.prefixes {
         true => 1,
-        false => a.batch.per_call()?,
+        false => a.users.batch.per_call()?,
     };
     // First pass: every line parses, and how many rows each gives.
     let mut per_line = Vec::new();
-    for line in jsonl::open(&a.input)? {
-        let line = line.with_context(|| format!("cannot read {}", a.input.display()))?;
+    for line in jsonl::open(&a.users.input)? {
+        let line = line.with_context(|| format!("cannot read {}", a.users.input.display()))?;
         let h: HistoryLine = line.parse().with_context(|| {
             format!(
                 "{}:{}: not a valid history line (needs \"history\": [ids])",
-                a.input.display(),
+                a.users.input.display(),
                 line.number
             )
         })?;
@@ -71,9 +63,9 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     }
     let n: usize = per_line.iter().sum();
     if n == 0 {
-        bail!("{} has no history lines", a.input.display());
+        bail!("{} has no history lines", a.users.input.display());
     }
-    let mut rec = super::open_recommender(&a.bundle, a.runtime.options())?;
+    let mut rec = a.users.bundle.open()?;
     let n_embd = rec.model().n_embd();
     let user_cols = rec.modalities().len() * rec.heads.config.proj_dim;
     let mut hidden = RowWriter::open(&a.output, n, n_embd, !a.restart)?;
@@ -114,16 +106,16 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let mut last_sync = Instant::now();
     // Lines are taken `per_call` at a time (one with --prefixes); a group's rows are written in
     // line order, and a bad line stops the run after the rows of the lines before it.
-    let lines = jsonl::open(&a.input)?.skip(lines_done);
+    let lines = jsonl::open(&a.users.input)?.skip(lines_done);
     let mut group: Vec<jsonl::Line> = Vec::new();
     let mut lines = lines.peekable();
     while lines.peek().is_some() {
         group.clear();
         while group.len() < per_call {
             match lines.next() {
-                Some(line) => {
-                    group.push(line.with_context(|| format!("cannot read {}", a.input.display()))?)
-                }
+                Some(line) => group.push(
+                    line.with_context(|| format!("cannot read {}", a.users.input.display()))?,
+                ),
                 None => break,
             }
         }
@@ -171,7 +163,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
                     }
                     return Err(e.context(format!(
                         "{}:{} (the lines before it are kept; fix it and re-run to continue)",
-                        a.input.display(),
+                        a.users.input.display(),
                         line.number
                     )));
                 }

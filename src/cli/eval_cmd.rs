@@ -1,13 +1,13 @@
 //! `illmrec eval`: the paper's protocol on a prepared dataset, for a bundle or a reference ranker.
 
-use super::{untrained_warning, BatchArgs, RuntimeArgs};
+use super::{messages, BatchArgs, RuntimeArgs};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use illmrec::eval::{
+use illmrec::method::eval::{
     load_split, popularity, random_score, rank_of_target, Metrics, RankLine, RanksFile,
 };
-use illmrec::fsutil::write_atomic;
 use illmrec::recommender::Recommender;
+use illmrec::store::fsutil::write_atomic;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -157,7 +157,7 @@ impl Scorer {
                 let bundle = a.bundle.as_ref().context("--ranker llm needs --bundle")?;
                 let rec = super::open_recommender(bundle, a.runtime.options())?;
                 if !rec.heads.config.trained {
-                    eprintln!("{}", untrained_warning(&rec.heads.config.provenance));
+                    messages::untrained(&rec.heads.config.provenance);
                 }
                 Scorer::Llm(Box::new(rec))
             }
@@ -176,7 +176,7 @@ impl Scorer {
     /// Scores of each case's candidates, target first; the LLM decodes `per_call` users together.
     fn scores(
         &mut self,
-        cases: &[&illmrec::eval::Case],
+        cases: &[&illmrec::method::eval::Case],
         per_call: usize,
     ) -> Result<Vec<Vec<Option<f32>>>> {
         let candidates: Vec<Vec<u64>> = cases.iter().map(|c| c.candidates()).collect();

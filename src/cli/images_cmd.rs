@@ -3,7 +3,8 @@
 
 use anyhow::{ensure, Result};
 use clap::Args;
-use illmrec::image_encoder::{image_ids, Encoded, ImageEncoder};
+use illmrec::images::ids::image_ids;
+use illmrec::images::{Encoded, ImageEncoder};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
@@ -55,11 +56,11 @@ pub fn encode(images: &[PathBuf], map: Option<&Path>, threads: Option<usize>) ->
 pub fn run(a: EncodeImagesArgs) -> Result<()> {
     let e = encode(&a.images, a.map.as_deref(), a.threads)?;
     let n = e.ids.len();
-    illmrec::fsutil::write_atomic(&a.out, |out| {
-        Ok(out.write_all(&illmrec::npy::encode_f32(n, e.dim, &e.rows))?)
+    illmrec::store::fsutil::write_atomic(&a.out, |out| {
+        Ok(out.write_all(&illmrec::store::npy::encode_f32(n, e.dim, &e.rows))?)
     })?;
     let ids: String = e.ids.iter().map(|id| format!("{id}\n")).collect();
-    illmrec::fsutil::write_atomic(&a.ids, |out| Ok(out.write_all(ids.as_bytes())?))?;
+    illmrec::store::fsutil::write_atomic(&a.ids, |out| Ok(out.write_all(ids.as_bytes())?))?;
     println!(
         "wrote {} ({n} × {}) and {}",
         a.out.display(),

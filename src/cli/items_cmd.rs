@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use illmrec::catalog::Item;
-use illmrec::image_encoder::ImageEncoder;
-use illmrec::items_edit::{edit, Edit, EditReport, NewItem};
+use illmrec::bundle::edit::{edit, Edit, EditReport, NewItem};
+use illmrec::images::ImageEncoder;
+use illmrec::store::catalog::Item;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]

@@ -8,6 +8,7 @@ mod embed;
 mod eval_cmd;
 mod images_cmd;
 mod items_cmd;
+pub mod messages;
 mod prompt_cmd;
 mod recommend;
 mod score;
@@ -15,8 +16,8 @@ mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use illmrec::heads::WeightDtype;
-use illmrec::llm::{self, ContextOptions, ModelOptions};
+use illmrec::engine::{self, ContextOptions, ModelOptions};
+use illmrec::method::heads::WeightDtype;
 use illmrec::recommender::{MissingImage, Options, Recommender};
 use std::path::PathBuf;
 
@@ -96,14 +97,14 @@ pub struct BatchArgs {
     /// each, sharing the cached task text), 1 to 16. Scores equal one-at-a-time's within
     /// llama.cpp's batch-shape noise; see the README's batching table for what it buys.
     #[arg(long, default_value_t = 1, value_name = "N",
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=illmrec::llm::MAX_BRANCHES as u64))]
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=illmrec::engine::MAX_BRANCHES as u64))]
     pub batch_users: usize,
 }
 
 impl BatchArgs {
     /// The checked number of users per call.
     pub fn per_call(&self) -> Result<usize> {
-        let max = illmrec::llm::MAX_BRANCHES;
+        let max = illmrec::engine::MAX_BRANCHES;
         anyhow::ensure!(
             (1..=max).contains(&self.batch_users),
             "--batch-users {} is out of range: expected 1 to {max}",
@@ -111,6 +112,53 @@ impl BatchArgs {
         );
         Ok(self.batch_users)
     }
+}
+
+/// The bundle to open and how to run its model (`recommend`, `prompt`, `score`, `embed`, `serve`).
+#[derive(Args, Clone, Debug)]
+pub struct BundleArgs {
+    /// The bundle folder (manifest.json, heads, items, banks).
+    #[arg(long, value_name = "DIR")]
+    pub bundle: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+impl BundleArgs {
+    /// Opens the bundle's recommender with these options (warnings on stderr).
+    pub fn open(&self) -> Result<Recommender> {
+        open_recommender(&self.bundle, self.runtime.options())
+    }
+}
+
+/// One user's history on a bundle (`recommend`, `prompt`).
+#[derive(Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub bundle: BundleArgs,
+    /// The user's history, oldest first: comma-separated item ids.
+    #[arg(long, value_name = "ID,ID,...")]
+    pub history: String,
+}
+
+impl HistoryArgs {
+    /// The history's item ids.
+    pub fn ids(&self) -> Result<Vec<u64>> {
+        parse_ids(&self.history, "--history")
+    }
+}
+
+/// A JSON-lines file of users run through a bundle's model, several per llama.cpp call
+/// (`score`, `embed`).
+#[derive(Args)]
+pub struct UsersFileArgs {
+    #[command(flatten)]
+    pub bundle: BundleArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    /// JSON-lines input, one user per line (`{"history": [ids], ...}`).
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
 }
 
 /// Options shared by every command that runs the model.
@@ -203,7 +251,7 @@ impl RuntimeArgs {
         Options {
             model: self.model.clone(),
             model_options: ModelOptions {
-                n_gpu_layers: self.n_gpu_layers.unwrap_or_else(llm::default_gpu_layers),
+                n_gpu_layers: self.n_gpu_layers.unwrap_or_else(engine::default_gpu_layers),
                 use_mmap: !self.no_mmap,
                 use_mlock: self.mlock,
                 verbose: self.verbose,
@@ -217,7 +265,7 @@ impl RuntimeArgs {
                     FlashAttn::Off => Some(false),
                 },
                 n_batch: 512,
-                n_threads: self.threads.unwrap_or_else(llm::default_threads),
+                n_threads: self.threads.unwrap_or_else(engine::default_threads),
             },
             max_history: self.max_history,
             missing_image: self.missing_image.into(),
@@ -240,7 +288,7 @@ pub enum FlashAttn {
 pub fn open_recommender(bundle: &std::path::Path, opts: Options) -> Result<Recommender> {
     let rec = Recommender::open(bundle, opts)?;
     for w in rec.warnings() {
-        eprintln!("warning: {w}");
+        messages::warning(w);
     }
     Ok(rec)
 }
@@ -258,13 +306,6 @@ pub fn parse_ids(text: &str, what: &str) -> Result<Vec<u64>> {
         .collect()
 }
 
-/// The warning printed whenever a bundle's heads were never trained.
-pub fn untrained_warning(provenance: &str) -> String {
-    format!(
-        "WARNING: this bundle's heads are randomly initialised, not trained ({provenance}); the ranking is NOT meaningful."
-    )
-}
-
 #[derive(Args)]
 struct InitHeadsArgs {
     /// heads.json describing the dims, modalities and prompt style.
@@ -280,16 +321,16 @@ struct InitHeadsArgs {
 }
 
 fn init_heads(a: InitHeadsArgs) -> Result<()> {
-    let bytes = illmrec::fsutil::read_regular(&a.config)?;
-    let cfg = illmrec::heads::HeadsConfig::parse(&bytes)
+    let bytes = illmrec::store::fsutil::read_regular(&a.config)?;
+    let cfg = illmrec::method::heads::HeadsConfig::parse(&bytes)
         .with_context(|| format!("heads config {} is not valid", a.config.display()))?;
     anyhow::ensure!(
         !cfg.trained,
         "{} says trained: true, but these weights would be random; set it to false",
         a.config.display()
     );
-    let tensors = illmrec::heads::random_tensors(&cfg, a.seed)?;
-    illmrec::heads::write_safetensors(&a.out, &tensors, a.dtype.into())?;
+    let tensors = illmrec::method::heads::random_tensors(&cfg, a.seed)?;
+    illmrec::method::heads::write_safetensors(&a.out, &tensors, a.dtype.into())?;
     let params: usize = tensors.iter().map(|t| t.2.len()).sum();
     println!(
         "wrote {} ({} tensors, {params} parameters, seed {})",
@@ -317,12 +358,12 @@ struct QuantizeArgs {
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
-    llm::set_verbose(a.verbose);
-    llm::quantize(
+    engine::set_verbose(a.verbose);
+    engine::quantize(
         &a.input,
         &a.output,
         &a.ty,
-        a.threads.unwrap_or_else(llm::default_threads),
+        a.threads.unwrap_or_else(engine::default_threads),
     )?;
     let size = std::fs::metadata(&a.output)?.len();
     println!(
@@ -345,23 +386,23 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("illmrec {}", env!("CARGO_PKG_VERSION"));
     println!(
         "GPU offload: {}",
-        if llm::supports_gpu_offload() {
+        if engine::supports_gpu_offload() {
             "available"
         } else {
             "not in this build"
         }
     );
-    println!("cpu: {}", illmrec::cpu::Features::detect());
-    println!("cpu build: {}", llm::cpu_build());
-    println!("backends: {}", llm::system_info().trim());
-    println!("blas: {}", illmrec::blas::describe());
-    println!("kernels: {}", illmrec::kernels::describe());
+    println!("cpu: {}", illmrec::engine::cpu::Features::detect());
+    println!("cpu build: {}", engine::cpu_build());
+    println!("backends: {}", engine::system_info().trim());
+    println!("blas: {}", illmrec::engine::blas::describe());
+    println!("kernels: {}", illmrec::engine::kernels::describe());
     let model = match a.model {
         Some(m) => Some(m),
         None => illmrec::bundle::default_model_path().ok(),
     };
     if let Some(path) = model {
-        let info = llm::GgufInfo::read(&path)?;
+        let info = engine::GgufInfo::read(&path)?;
         println!(
             "model: {} ({}, n_embd {}, context {}, input scale {:.4})",
             path.display(),

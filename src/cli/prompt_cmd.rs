@@ -1,30 +1,24 @@
 //! `illmrec prompt`: shows the exact prompt for a history: text, token ids and the positions of
 //! injected vectors. The Python tools compare their prompts against this.
 
-use super::{parse_ids, RuntimeArgs};
+use super::HistoryArgs;
 use anyhow::Result;
 use clap::Args;
-use illmrec::prompt::render;
+use illmrec::method::prompt::render;
 use illmrec::recommender::{tokenize, Piece};
 
 #[derive(Args)]
 pub struct PromptArgs {
-    /// The bundle folder (manifest.json, heads, items, banks).
-    #[arg(long, value_name = "DIR")]
-    bundle: std::path::PathBuf,
     #[command(flatten)]
-    runtime: RuntimeArgs,
-    /// The user's history, oldest first: comma-separated item ids.
-    #[arg(long, value_name = "ID,ID,...")]
-    history: String,
+    user: HistoryArgs,
     /// Print JSON: {"text", "tokens" (null at injected positions), "history_used", "dropped"}.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: PromptArgs) -> Result<()> {
-    let history = parse_ids(&a.history, "--history")?;
-    let rec = super::open_recommender(&a.bundle, a.runtime.options())?;
+    let history = a.user.ids()?;
+    let rec = a.user.bundle.open()?;
     let (segments, used, dropped) = rec.prompt(&history)?;
     let pieces = tokenize(rec.model(), &segments)?;
     let tokens: Vec<Option<i32>> = pieces

@@ -1,20 +1,14 @@
 //! `illmrec recommend`: top-k items for one history.
 
-use super::{parse_ids, untrained_warning, RuntimeArgs};
+use super::{messages, parse_ids, HistoryArgs};
 use anyhow::{ensure, Result};
 use clap::Args;
 use std::collections::HashSet;
 
 #[derive(Args)]
 pub struct RecommendArgs {
-    /// The bundle folder (manifest.json, heads, items, banks).
-    #[arg(long, value_name = "DIR")]
-    bundle: std::path::PathBuf,
     #[command(flatten)]
-    runtime: RuntimeArgs,
-    /// The user's history, oldest first: comma-separated item ids.
-    #[arg(long, value_name = "ID,ID,...")]
-    history: String,
+    user: HistoryArgs,
     /// How many items to return.
     #[arg(long, default_value_t = 10)]
     top_k: usize,
@@ -30,7 +24,7 @@ pub struct RecommendArgs {
 }
 
 pub fn run(a: RecommendArgs) -> Result<()> {
-    let history = parse_ids(&a.history, "--history")?;
+    let history = a.user.ids()?;
     ensure!(
         !history.is_empty(),
         "--history is empty: give at least one item id"
@@ -45,16 +39,16 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         "--candidates is empty: give at least one item id, or leave it out to rank the whole catalog"
     );
     ensure!(a.top_k >= 1, "--top-k must be at least 1");
-    let mut rec = super::open_recommender(&a.bundle, a.runtime.options())?;
+    let mut rec = a.user.bundle.open()?;
     for id in history.iter().chain(candidates.iter().flatten()) {
         rec.catalog.item(*id)?;
     }
     let user = rec.encode_user(&history)?;
     if user.dropped_for_context > 0 {
-        eprintln!(
-            "warning: dropped the {} oldest history items so that the prompt fits the context",
+        messages::warning(format_args!(
+            "dropped the {} oldest history items so that the prompt fits the context",
             user.dropped_for_context
-        );
+        ));
     }
     let exclude: HashSet<u64> = if a.include_seen {
         HashSet::new()
@@ -64,7 +58,7 @@ pub fn run(a: RecommendArgs) -> Result<()> {
     let top = rec.top_k(&user, a.top_k, candidates.as_deref(), &exclude)?;
     let cfg = &rec.heads.config;
     if !cfg.trained {
-        eprintln!("{}", untrained_warning(&cfg.provenance));
+        messages::untrained(&cfg.provenance);
     }
     if a.json {
         let items: Vec<_> = top

@@ -4,15 +4,16 @@
 //! Output lines: `{"history_used": n, "items": [{"id", "score"}...], "user": <same>}`.
 //! A malformed line (not UTF-8, not JSON, unknown ids) is reported on stderr with its number,
 //! skipped and counted. Records are written as they are made through the library's resumable
-//! output (`illmrec::batch`): `--resume` continues a killed run, `--shard I/N` takes every N-th
+//! output (`illmrec::recommender::batch`): `--resume` continues a killed run, `--shard I/N` takes every N-th
 //! line. Memory is bounded by the longest line.
 
-use super::{untrained_warning, BatchArgs, RuntimeArgs};
+use super::{messages, UsersFileArgs};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use illmrec::batch::{self, ResumableOutput, ScoreSettings, Shard};
-use illmrec::fsutil;
-use illmrec::jsonl::{self, ScoreLine};
+use illmrec::recommender::batch::{self, ScoreSettings, Shard};
+use illmrec::store::fsutil;
+use illmrec::store::journal::ResumableOutput;
+use illmrec::store::jsonl::{self, ScoreLine};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -21,16 +22,8 @@ type Sink<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<()> + 'a;
 
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// The bundle folder (manifest.json, heads, items, banks).
-    #[arg(long, value_name = "DIR")]
-    bundle: std::path::PathBuf,
     #[command(flatten)]
-    runtime: RuntimeArgs,
-    #[command(flatten)]
-    batch: BatchArgs,
-    /// JSON-lines input, one user per line.
-    #[arg(long, value_name = "FILE")]
-    input: PathBuf,
+    users: UsersFileArgs,
     /// JSON-lines output. Records go to OUT.partial as they are made (with a journal
     /// OUT.journal); OUT is replaced in one step when the last user is done.
     #[arg(long, value_name = "FILE")]
@@ -53,7 +46,7 @@ pub struct ScoreArgs {
 
 pub fn run(a: ScoreArgs) -> Result<()> {
     ensure!(a.top_k >= 1, "--top-k must be at least 1");
-    let per_call = a.batch.per_call()?;
+    let per_call = a.users.batch.per_call()?;
     let settings = ScoreSettings {
         top_k: a.top_k,
         include_seen: a.include_seen,
@@ -73,16 +66,16 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     };
     let start = out.as_ref().map_or(0, |o| o.resume_point().line);
     let (mut total, mut done) = (0u64, 0u64);
-    for line in jsonl::open(&a.input)? {
-        let line = line.with_context(|| format!("cannot read {}", a.input.display()))?;
+    for line in jsonl::open(&a.users.input)? {
+        let line = line.with_context(|| format!("cannot read {}", a.users.input.display()))?;
         if a.shard.takes(line.number) {
             total += 1;
             done += (line.number <= start) as u64;
         }
     }
-    let mut rec = super::open_recommender(&a.bundle, a.runtime.options())?;
+    let mut rec = a.users.bundle.open()?;
     if !rec.heads.config.trained {
-        eprintln!("{}", untrained_warning(&rec.heads.config.provenance));
+        messages::untrained(&rec.heads.config.provenance);
     }
     if done > 0 {
         eprintln!(
@@ -131,7 +124,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                         bar.suspend(|| {
                             eprintln!(
                                 "{}:{}: skipped: {}",
-                                a.input.display(),
+                                a.users.input.display(),
                                 line.number,
                                 format!("{e:#}").replace('\n', " ")
                             )
@@ -144,8 +137,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             }
             Ok(())
         };
-        for line in jsonl::open(&a.input)? {
-            let line = line.with_context(|| format!("cannot read {}", a.input.display()))?;
+        for line in jsonl::open(&a.users.input)? {
+            let line = line.with_context(|| format!("cannot read {}", a.users.input.display()))?;
             if line.number <= start || !a.shard.takes(line.number) {
                 continue;
             }
@@ -183,7 +176,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         a.output.display()
     );
     if scored == 0 && skipped > 0 {
-        bail!("no line of {} could be scored", a.input.display());
+        bail!("no line of {} could be scored", a.users.input.display());
     }
     Ok(())
 }
@@ -191,10 +184,10 @@ pub fn run(a: ScoreArgs) -> Result<()> {
 /// What names a run for `--resume`: the input's and bundle's contents, the shard, and every
 /// setting that changes a record (threads and the cache folder do not).
 fn run_key(a: &ScoreArgs, s: ScoreSettings) -> Result<serde_json::Value> {
-    let r = &a.runtime;
+    let r = &a.users.bundle.runtime;
     Ok(serde_json::json!({
-        "input_sha256": fsutil::sha256_file(&a.input)?,
-        "bundle_manifest_sha256": fsutil::sha256_file(&a.bundle.join("manifest.json"))?,
+        "input_sha256": fsutil::sha256_file(&a.users.input)?,
+        "bundle_manifest_sha256": fsutil::sha256_file(&a.users.bundle.bundle.join("manifest.json"))?,
         "model": r.model,
         "shard": a.shard.to_string(),
         "settings": s,
@@ -205,6 +198,6 @@ fn run_key(a: &ScoreArgs, s: ScoreSettings) -> Result<serde_json::Value> {
         "kv_f32": r.kv_f32,
         "flash_attn": format!("{:?}", r.flash_attn),
         "prefix_cache": !r.no_prefix_cache,
-        "batch_users": a.batch.batch_users,
+        "batch_users": a.users.batch.batch_users,
     }))
 }

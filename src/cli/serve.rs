@@ -1,7 +1,7 @@
 //! `illmrec serve`: the kiosk service. Parses the flags, opens the bundle once, starts one
 //! llama.cpp context per worker and hands them to the server (src/server/).
 
-use super::RuntimeArgs;
+use super::BundleArgs;
 use crate::server;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -12,11 +12,8 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The bundle folder (manifest.json, heads, items, banks).
-    #[arg(long, value_name = "DIR")]
-    bundle: PathBuf,
     #[command(flatten)]
-    runtime: RuntimeArgs,
+    bundle: BundleArgs,
     /// Address to listen on (port 0 picks a free port). Only loopback addresses unless
     /// --allow-remote is given.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -71,10 +68,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 a.addr
             );
         }
-        eprintln!(
-            "warning: listening on {}, reachable from other machines: the API has no authentication",
+        super::messages::warning(format_args!(
+            "listening on {}, reachable from other machines: the API has no authentication",
             a.addr
-        );
+        ));
     }
     anyhow::ensure!(
         (1..=64).contains(&a.contexts),
@@ -106,12 +103,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // Bind before loading, so that a taken port fails fast.
     let listener = std::net::TcpListener::bind(cfg.addr)
         .with_context(|| format!("cannot listen on {}", cfg.addr))?;
-    let first = super::open_recommender(&a.bundle, a.runtime.options())?;
+    let first = a.bundle.open()?;
     if !first.heads.config.trained {
-        eprintln!(
-            "{}",
-            super::untrained_warning(&first.heads.config.provenance)
-        );
+        super::messages::untrained(&first.heads.config.provenance);
     }
     let shared = first.shared().clone();
     let mut workers = vec![first];
@@ -123,7 +117,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     println!("listening on http://{local}/");
     eprintln!(
         "serving {} ({} items) with {} context(s), queue {}; SIGTERM or Ctrl-C stops after the requests in flight",
-        a.bundle.display(),
+        a.bundle.bundle.display(),
         shared.catalog.len(),
         a.contexts,
         a.queue

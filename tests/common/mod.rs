@@ -228,12 +228,12 @@ fn write_features(dir: &Path, name: &str, ids: &[i64], dim: usize) {
         .collect();
     std::fs::write(
         dir.join(format!("{name}.npy")),
-        illmrec::npy::encode_f32(ids.len(), dim, &values),
+        illmrec::store::npy::encode_f32(ids.len(), dim, &values),
     )
     .unwrap();
     std::fs::write(
         dir.join(format!("{name}.ids.npy")),
-        illmrec::npy::encode_i64(ids),
+        illmrec::store::npy::encode_i64(ids),
     )
     .unwrap();
 }

@@ -2,12 +2,12 @@
 //! `illmrec` package). A thin front end: it converts Python values to the library's types and
 //! back, releases the GIL while the model runs, and raises the runtime's errors as
 //! `illmrec.IllmrecError` with the runtime's message. Scoring records come from
-//! `illmrec::batch::score_user`, the function `illmrec score` uses, so both agree exactly.
+//! `illmrec::recommender::batch::score_user`, the function `illmrec score` uses, so both agree exactly.
 
-use illmrec::batch::{self, ScoreSettings};
-use illmrec::jsonl::ScoreLine;
-use illmrec::llm::{self, ContextOptions, ModelOptions};
+use illmrec::engine::{self, ContextOptions, ModelOptions};
+use illmrec::recommender::batch::{self, ScoreSettings};
 use illmrec::recommender::{MissingImage, Options, Recommender as Inner};
+use illmrec::store::jsonl::ScoreLine;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -94,7 +94,7 @@ impl Recommender {
         let opts = Options {
             model,
             model_options: ModelOptions {
-                n_gpu_layers: n_gpu_layers.unwrap_or_else(llm::default_gpu_layers),
+                n_gpu_layers: n_gpu_layers.unwrap_or_else(engine::default_gpu_layers),
                 use_mmap: mmap,
                 use_mlock: mlock,
                 verbose,
@@ -104,7 +104,7 @@ impl Recommender {
                 kv_f32,
                 flash_attn,
                 n_batch: 512,
-                n_threads: threads.unwrap_or_else(llm::default_threads),
+                n_threads: threads.unwrap_or_else(engine::default_threads),
             },
             max_history,
             missing_image,
