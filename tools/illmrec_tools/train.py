@@ -314,7 +314,7 @@ class Trainer:
         return nn.functional.cross_entropy(logits, labels)
 
 
-def probe_r2(x, y, ridge=10.0):
+def probe_r2(x, y, ridge=1000.0):
     """Ridge regression from x to y fitted on the first half of the rows, R^2 (variance explained,
     pooled over y's dimensions) on the second half: how much of y the states keep."""
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
