@@ -262,6 +262,18 @@ impl Context {
         n.min(inputs.len() - 1)
     }
 
+    /// Fails when a prompt of `len` positions, needing `needed` KV cells beside the cached
+    /// prefix's, does not fit the context.
+    pub(super) fn check_fits(&self, needed: usize, len: usize) -> Result<()> {
+        ensure!(
+            needed <= self.n_ctx,
+            "prompt of {len} positions does not fit the context ({} positions, {} held by the cached prefix); raise --ctx",
+            self.n_ctx,
+            self.prefix.len()
+        );
+        Ok(())
+    }
+
     pub(super) fn check_input(&self, input: &Input) -> Result<()> {
         match input {
             Input::Token(t) => self.model.check_tokens(&[*t]),

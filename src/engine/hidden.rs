@@ -19,13 +19,7 @@ impl Context {
         }
         let shared = self.shared_prefix_len(inputs);
         let needed = self.prefix.len() + inputs.len() - if reuse_prefix { shared } else { 0 };
-        ensure!(
-            needed <= self.n_ctx,
-            "prompt of {} positions does not fit the context ({} positions, {} held by the cached prefix); raise --ctx",
-            inputs.len(),
-            self.n_ctx,
-            self.prefix.len()
-        );
+        self.check_fits(needed, inputs.len())?;
         let copied = if reuse_prefix { shared } else { 0 };
         let hidden = self.on_sequences(&[WORK_SEQ], &[(WORK_SEQ, copied)], |c| {
             if !reuse_prefix {
