@@ -561,7 +561,11 @@ mod tests {
                     op(a.as_ptr(), lda, ta),
                     op(b.as_ptr(), ldb, tb),
                     beta,
-                    op(c.as_mut_ptr(), 2, false),
+                    Operand {
+                        ptr: c.as_mut_ptr(),
+                        ld: 2,
+                        trans: false,
+                    },
                 )
             }
         };

@@ -29,7 +29,7 @@ pub struct ContextOptions {
     /// multiplies every query by every KV cell llama.cpp attends over and masks afterwards), or
     /// `None` (llama.cpp decides). On the CPU both paths give the same result at any thread
     /// count: ggml computes each query row whole on one thread, except for a one-position batch
-    /// over 512 or more cells, which [`batch_spans`] never sends.
+    /// over 512 or more cells, which [`super::batch_spans`] never sends.
     pub flash_attn: Option<bool>,
     /// Largest number of positions decoded in one call.
     pub n_batch: u32,
