@@ -18,7 +18,7 @@
 # Test without a GPU: NO_GPU=1 BACKEND=path/to/libggml-cuda.so (or none) tools/cuda/gpu-check.sh
 # Environment: ARCHS, TOL, USERS (bench users, default 64), WARMUP (default 4), PARITY_USERS (default 32), NO_GPU, BACKEND (a prebuilt
 # libggml-cuda.so: skips the build), GPU_CARRY (default .gpu-carry), PYTHON, SKIP (steps to skip,
-# e.g. "load bench").
+# e.g. "load bench"), LOAD_ARGS (default "8 40 2").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
@@ -167,8 +167,8 @@ if [[ "$skip" != *" load "* ]] && [ -x "$run/loadtest" ]; then
     printf '#!/bin/sh\nd=$(dirname "$0")\nif [ "$1" = serve ]; then exec "$d/illmrec.real" "$@" --n-gpu-layers %s; fi\nexec "$d/illmrec.real" "$@"\n' "$GPU_LAYERS" > "$md/target/release/illmrec"
     chmod +x "$md/target/release/illmrec"
     [ -e "$md/models/demo-bundle" ] || { mkdir -p "$md"; ln -sfn "$repo/models" "$md/models"; }
-    timeout 300 "$run/loadtest" 8 40 2 2>&1 | tee "$out/loadtest.txt"
-    note "- load test (8 clients x 40 requests, 2 contexts, serve --n-gpu-layers $GPU_LAYERS):"
+    timeout 300 "$run/loadtest" ${LOAD_ARGS:-8 40 2} 2>&1 | tee "$out/loadtest.txt"
+    note "- load test (clients, requests, contexts: ${LOAD_ARGS:-8 40 2}; serve --n-gpu-layers $GPU_LAYERS):"
     sed 's/^/    /' "$out/loadtest.txt" | head -30 >> "$summary"
   fi
 fi
