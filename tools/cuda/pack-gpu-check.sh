@@ -37,12 +37,19 @@ rm -rf "$carry"
 mkdir -p "$carry/bin" "$carry/bench"
 cp "$rel/illmrec" "$carry/bin/"
 shopt -s nullglob
-for f in "$rel"/lib*.so*; do
+# The libraries under the names the binary asks for (libllama.so.0, libggml.so.0, libggml-base.so.0),
+# and the CPU variants a GPU server's processor picks from (Intel Xeon Skylake-SP to Sapphire
+# Rapids, AMD EPYC Zen 2 to 4, and the portable ones). Not libggml-cuda.so (built on the GPU
+# machine for its architecture), not libggml-blas.so (OpenBLAS may be missing there), not the
+# unversioned duplicates nor libllama-common: 64 MiB travel in all.
+for f in "$rel"/lib*.so.0; do
   case "$(basename "$f")" in
-    libggml-cuda.so) ;;   # built on the GPU machine for its architecture
-    libggml-blas.so) ;;   # needs OpenBLAS, which the GPU machine may not have
+    libllama-common*) ;;
     *) cp "$f" "$carry/bin/" ;;
   esac
+done
+for v in x64 sse42 haswell skylakex icelake cooperlake sapphirerapids zen4; do
+  [ -f "$rel/libggml-cpu-$v.so" ] && cp "$rel/libggml-cpu-$v.so" "$carry/bin/"
 done
 if [ -x "$rel/examples/loadtest" ]; then
   cp "$rel/examples/loadtest" "$carry/bin/"
