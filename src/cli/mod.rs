@@ -247,7 +247,18 @@ impl From<DtypeArg> for WeightDtype {
 }
 
 impl RuntimeArgs {
+    /// The runtime options, after saying once on stderr when layers meant for a GPU will run on
+    /// the CPU.
     pub fn options(&self) -> Options {
+        let n_gpu_layers = self.n_gpu_layers.unwrap_or_else(engine::default_gpu_layers);
+        if n_gpu_layers > 0 {
+            let (built, devices) = (engine::supports_gpu_offload(), engine::gpu_devices());
+            if let Some(line) =
+                engine::gpu_fallback(n_gpu_layers, self.n_gpu_layers.is_some(), built, &devices)
+            {
+                messages::warning(line);
+            }
+        }
         Options {
             model: self.model.clone(),
             model_options: ModelOptions {
@@ -384,12 +395,16 @@ struct InfoArgs {
 
 fn info(a: InfoArgs) -> Result<()> {
     println!("illmrec {}", env!("CARGO_PKG_VERSION"));
+    let devices = engine::gpu_devices();
     println!(
         "GPU offload: {}",
-        if engine::supports_gpu_offload() {
-            "available"
+        if !devices.is_empty() {
+            format!("available: {}", devices.join(", "))
+        } else if engine::supports_gpu_offload() {
+            "built in, but no GPU found (no device, driver or CUDA runtime): running on the CPU"
+                .into()
         } else {
-            "not in this build"
+            "not in this build".to_string()
         }
     );
     println!("cpu: {}", illmrec::engine::cpu::Features::detect());

@@ -136,3 +136,89 @@ pub fn supports_gpu_offload() -> bool {
     // SAFETY: plain query.
     unsafe { sys::llama_supports_gpu_offload() }
 }
+
+/// The GPU devices ggml can use in this process ("name (description)"), after the backends
+/// (compiled in, or loaded at start-up with `cpu-variants`) registered theirs. Empty on a CPU
+/// build, and on a CUDA build where no driver, runtime or device was found.
+pub fn gpu_devices() -> Vec<String> {
+    backend();
+    let text = |p: *const c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: ggml returns NUL-terminated strings owned by the device registry.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    let mut out = Vec::new();
+    // SAFETY: read-only queries of ggml's device registry, indices below its count.
+    unsafe {
+        for i in 0..sys::ggml_backend_dev_count() {
+            let dev = sys::ggml_backend_dev_get(i);
+            if !dev.is_null()
+                && sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_GPU
+            {
+                let (name, desc) = (
+                    text(sys::ggml_backend_dev_name(dev)),
+                    text(sys::ggml_backend_dev_description(dev)),
+                );
+                out.push(if desc.is_empty() {
+                    name
+                } else {
+                    format!("{name} ({desc})")
+                });
+            }
+        }
+    }
+    out
+}
+
+/// What a request for `n_gpu_layers` gets here, as one line for the user, or None when it gets
+/// what it asked for (layers on a GPU, or none asked). `explicit`: the user gave the number
+/// (rather than the build's default). Pure: `built` is [`supports_gpu_offload`], `devices`
+/// [`gpu_devices`].
+pub fn gpu_fallback(
+    n_gpu_layers: i32,
+    explicit: bool,
+    built: bool,
+    devices: &[String],
+) -> Option<String> {
+    if n_gpu_layers <= 0 || !devices.is_empty() {
+        return None;
+    }
+    let why = if built {
+        "this build has GPU offload but found no GPU (no device, driver or CUDA runtime)"
+    } else {
+        "this build has no GPU offload"
+    };
+    Some(if explicit {
+        format!("--n-gpu-layers {n_gpu_layers} asks for a GPU, but {why}; running on the CPU")
+    } else {
+        format!("{why}; running on the CPU")
+    })
+}
+
+#[cfg(test)]
+mod gpu_tests {
+    use super::gpu_fallback;
+
+    #[test]
+    fn fallback_is_said_only_when_a_gpu_was_asked_for_and_missing() {
+        let gpu = vec!["CUDA0 (NVIDIA H100)".to_string()];
+        assert_eq!(gpu_fallback(0, true, true, &[]), None);
+        assert_eq!(gpu_fallback(99, true, true, &gpu), None);
+        let s = gpu_fallback(99, true, true, &[]).unwrap();
+        assert!(
+            s.starts_with("--n-gpu-layers 99 asks for a GPU") && s.ends_with("running on the CPU"),
+            "{s}"
+        );
+        assert!(gpu_fallback(99, true, false, &[])
+            .unwrap()
+            .contains("no GPU offload"));
+        let s = gpu_fallback(999, false, true, &[]).unwrap();
+        assert!(
+            !s.contains("--n-gpu-layers") && s.contains("found no GPU"),
+            "{s}"
+        );
+    }
+}

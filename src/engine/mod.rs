@@ -36,7 +36,10 @@ pub mod session;
 #[cfg(feature = "cpu-variants")]
 mod variants;
 
-pub use backend::{cpu_build, has_blas_backend, set_verbose, supports_gpu_offload, system_info};
+pub use backend::{
+    cpu_build, gpu_devices, gpu_fallback, has_blas_backend, set_verbose, supports_gpu_offload,
+    system_info,
+};
 pub use batch::{batch_spans, group_prompts, kv_cells_needed};
 pub use context::{
     check_threads, default_threads, max_threads, Context, ContextOptions, Input, MAX_BRANCHES,
