@@ -287,7 +287,7 @@ pub fn ensure_quantized(
 }
 
 /// The machine and build a comparison ran on.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Machine {
     /// `model name` of /proc/cpuinfo with its family and model numbers.
     pub cpu: String,
@@ -373,7 +373,7 @@ impl Machine {
 }
 
 /// One model's line of the comparison.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelRow {
     /// The file name.
     pub label: String,
@@ -516,7 +516,7 @@ pub fn row(
 }
 
 /// A finished comparison.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     /// The command line that made it.
     pub command: String,
@@ -768,7 +768,17 @@ fn plot(report: &Report, width: u32, height: u32) -> Result<Vec<u8>> {
             RGBColor(127, 127, 127),
         ];
         let biggest = report.rows.iter().map(|r| r.file_mib).fold(1.0, f64::max);
+        // Points at about the same height whose labels go the same way get their labels
+        // stacked, one line apart, instead of printed over each other.
+        let near = (1.02 - y_min.max(0.0)) * 0.03;
+        let right_of = |r: &ModelRow| r.ms_p50 > x_max / 2.0;
         for (i, r) in report.rows.iter().enumerate() {
+            let stacked = report.rows[..i]
+                .iter()
+                .filter(|o| {
+                    (o.top_k_overlap - r.top_k_overlap).abs() < near && right_of(o) == right_of(r)
+                })
+                .count() as i32;
             let c = palette[i % palette.len()];
             let radius = (4.0 + 14.0 * (r.file_mib / biggest).sqrt()) as i32;
             let at = (r.ms_p50, r.top_k_overlap);
@@ -781,16 +791,17 @@ fn plot(report: &Report, width: u32, height: u32) -> Result<Vec<u8>> {
                 .map_err(|x| e(&x))?;
             let label = format!("{} ({}, {:.0} MiB)", r.label, r.file_type, r.file_mib);
             // Labels of points in the right half go to their left, so that none leaves the plot.
-            let right = r.ms_p50 > x_max / 2.0;
+            let right = right_of(r);
             let gap = radius + 4;
-            let style = (FONT, 13).into_font().color(&BLACK).pos(Pos::new(
+            // In the point's colour, so that stacked labels still say which point they name.
+            let style = (FONT, 13).into_font().color(&c).pos(Pos::new(
                 if right { HPos::Right } else { HPos::Left },
                 VPos::Center,
             ));
             chart
                 .draw_series(std::iter::once(
                     EmptyElement::at(at)
-                        + Text::new(label, (if right { -gap } else { gap }, 0), style),
+                        + Text::new(label, (if right { -gap } else { gap }, 15 * stacked), style),
                 ))
                 .map_err(|x| e(&x))?;
         }

@@ -33,8 +33,8 @@ enum Split {
 #[derive(Args)]
 pub struct BenchModelsArgs {
     /// The bundle whose heads, banks and catalog every model runs with.
-    #[arg(long, value_name = "DIR")]
-    bundle: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "render")]
+    bundle: Option<PathBuf>,
     /// GGUF files to compare [default: --model, else the bundle's model]. The first is the
     /// reference unless --reference names another.
     #[arg(value_name = "MODEL")]
@@ -93,6 +93,10 @@ pub struct BenchModelsArgs {
     /// bench-models.png into this folder (created if missing).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Render a saved bench-models.json again (stdout per --format, files per --out) instead
+    /// of measuring: the same report, e.g. after a change of the plot.
+    #[arg(long, value_name = "JSON")]
+    render: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// Internal: measure the one model of this job file in this process and write the result
@@ -105,6 +109,12 @@ pub fn run(a: BenchModelsArgs) -> Result<()> {
     if let Some(job) = &a.worker {
         return worker(&a, job);
     }
+    if let Some(saved) = &a.render {
+        let report: Report = serde_json::from_slice(&read_regular(saved)?)
+            .with_context(|| format!("{} is not a bench-models.json", saved.display()))?;
+        return output(&a, &report);
+    }
+    let bundle_dir = a.bundle.as_deref().context("--bundle DIR is needed")?;
     ensure!(a.users >= 1, "--users must be at least 1");
     ensure!(a.top_k >= 1, "--top-k must be at least 1");
     ensure!(a.history_len >= 1, "--history-len must be at least 1");
@@ -118,7 +128,7 @@ pub fn run(a: BenchModelsArgs) -> Result<()> {
     let opts = a.runtime.options();
     opts.context.check_threads()?;
     let threads = opts.context.n_threads;
-    let bundle = Bundle::open(&a.bundle)?;
+    let bundle = Bundle::open(bundle_dir)?;
     let m = &bundle.manifest;
     let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
 
@@ -269,7 +279,7 @@ pub fn run(a: BenchModelsArgs) -> Result<()> {
     let report = Report {
         command: command_line(),
         machine,
-        bundle: a.bundle.display().to_string(),
+        bundle: bundle_dir.display().to_string(),
         manifest_model: model_check::manifest_model(&bundle),
         users_source: source_text,
         users: users.len(),
@@ -279,9 +289,14 @@ pub fn run(a: BenchModelsArgs) -> Result<()> {
         rows,
         notes,
     };
+    output(&a, &report)
+}
+
+/// Prints the report per --format and writes the four files into --out.
+fn output(a: &BenchModelsArgs, report: &Report) -> Result<()> {
     let markdown = report.markdown();
     let csv = report.csv();
-    let json = serde_json::to_string_pretty(&report)?;
+    let json = serde_json::to_string_pretty(report)?;
     if let Some(out) = &a.out {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         let png = report.png(1000, 640)?;
@@ -446,7 +461,8 @@ fn spawn(job: &Path) -> Result<Measured> {
 fn worker(a: &BenchModelsArgs, job_path: &Path) -> Result<()> {
     let job: Job = serde_json::from_slice(&read_regular(job_path)?)
         .with_context(|| format!("{} is not a bench-models job", job_path.display()))?;
-    let m = models::measure(&a.bundle, a.runtime.options(), &job)?;
+    let bundle = a.bundle.as_deref().context("--bundle DIR is needed")?;
+    let m = models::measure(bundle, a.runtime.options(), &job)?;
     let bytes = serde_json::to_vec(&m)?;
     write_atomic(&result_path(job_path), |w| Ok(w.write_all(&bytes)?))
 }
