@@ -446,8 +446,7 @@ fn spawn(job: &Path) -> Result<Measured> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let why = stderr
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .next_back()
+            .rfind(|l| !l.trim().is_empty())
             .unwrap_or("no message")
             .trim_start_matches("error: ")
             .to_string();
