@@ -1,7 +1,10 @@
 //! Measuring tools (cargo feature `bench`): the history-length sweep of `illmrec bench --sweep`
-//! with its tables and plot, and the synthetic catalog of `illmrec bench-catalog`. They measure;
+//! with its tables and plot, the synthetic catalog of `illmrec bench-catalog`, and the model
+//! comparison of `illmrec bench-models` ([`models`], [`agreement`]). They measure;
 //! they neither print nor assert anything about time.
 
+pub mod agreement;
+pub mod models;
 pub mod report;
 pub mod sweep;
 #[allow(unsafe_code)]

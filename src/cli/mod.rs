@@ -3,12 +3,14 @@
 mod bank_cmd;
 mod bench;
 mod bench_catalog;
+mod bench_models;
 mod bundle_cmd;
 mod embed;
 mod eval_cmd;
 mod images_cmd;
 mod items_cmd;
 pub mod messages;
+mod model_check;
 mod prompt_cmd;
 mod recommend;
 mod score;
@@ -62,6 +64,9 @@ enum Command {
     /// Measure a synthetic catalog (default 1M items): open time, RSS, top-k scan time per user
     /// against this machine's memory bandwidth. Needs no model.
     BenchCatalog(bench_catalog::BenchCatalogArgs),
+    /// Compare GGUF models on a bundle, like llama-bench: size, load time, RSS, prompt
+    /// processing, time per user, agreement with a reference model (and HR@5/NDCG@5 on a dataset).
+    BenchModels(bench_models::BenchModelsArgs),
     /// Quantize a GGUF model with llama.cpp.
     Quantize(QuantizeArgs),
     /// Show the build's compute backends and a model's metadata.
@@ -84,6 +89,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::InitHeads(a) => init_heads(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchCatalog(a) => bench_catalog::run(a),
+        Command::BenchModels(a) => bench_models::run(a),
         Command::Quantize(a) => quantize(a),
         Command::Info(a) => info(a),
         Command::Serve(a) => serve::run(a),
@@ -295,9 +301,11 @@ pub enum FlashAttn {
     Off,
 }
 
-/// Opens a recommender and shows on stderr what went wrong without stopping it.
+/// Opens a recommender and shows on stderr what went wrong without stopping it, and (once) that
+/// the model is not the one the bundle's manifest records.
 pub fn open_recommender(bundle: &std::path::Path, opts: Options) -> Result<Recommender> {
     let rec = Recommender::open(bundle, opts)?;
+    model_check::warn_once(&rec.bundle, &rec.model().path);
     for w in rec.warnings() {
         messages::warning(w);
     }
