@@ -4,8 +4,9 @@
 //!
 //! - A request's headers must arrive within `header_timeout` (hyper closes the connection).
 //! - A connection without a request in flight for `idle_timeout` is closed (keep-alive too).
-//! - At most `max_connections` are open. A new one beyond takes the place of the connection
-//!   idle the longest (one with no request in flight, so a half-sent header counts as idle);
+//! - At most `max_connections` are open. A new one beyond takes the place of an idle one (no
+//!   request in flight, so a half-sent header counts as idle): one that never sent a whole
+//!   request if there is one, the oldest first, else the client connection idle the longest;
 //!   when every connection has a request in flight, the new one is answered `503` with
 //!   `Connection: close` and closed. Both are counted (`/metrics`) and logged, at most once a
 //!   second.
@@ -16,7 +17,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -46,6 +47,9 @@ fn now_ms(start: Instant) -> u64 {
 struct Slot {
     abort: AbortHandle,
     inflight: Arc<AtomicUsize>,
+    /// Whether a request was ever received on it (a client's keep-alive connection rather
+    /// than a silent or half-header socket).
+    served: Arc<AtomicBool>,
     /// When the last request ended (or the connection opened), in [`now_ms`].
     last: Arc<AtomicU64>,
 }
@@ -139,7 +143,14 @@ pub(super) async fn serve(
                     s.inflight.load(Ordering::Acquire) == 0
                         && now.saturating_sub(s.last.load(Ordering::Relaxed)) >= EVICT_AFTER_MS
                 })
-                .min_by_key(|(_, s)| s.last.load(Ordering::Relaxed))
+                // Sockets that never sent a whole request go first, the oldest first; a
+                // client's idle keep-alive connection only when there are none.
+                .min_by_key(|(_, s)| {
+                    (
+                        s.served.load(Ordering::Relaxed),
+                        s.last.load(Ordering::Relaxed),
+                    )
+                })
                 .map(|(k, _)| *k);
             match victim.and_then(|k| t.slots.remove(&k)) {
                 Some(slot) => {
@@ -171,6 +182,7 @@ pub(super) async fn serve(
         let id = t.next;
         t.next += 1;
         let inflight = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(AtomicBool::new(false));
         let last = Arc::new(AtomicU64::new(now_ms(app.started)));
         app.conns.open.fetch_add(1, Ordering::Relaxed);
         // The table stays locked until the slot is in it: a connection that ends at once
@@ -181,6 +193,7 @@ pub(super) async fn serve(
             app.clone(),
             Track {
                 inflight: inflight.clone(),
+                served: served.clone(),
                 last: last.clone(),
                 start: app.started,
             },
@@ -193,6 +206,7 @@ pub(super) async fn serve(
             Slot {
                 abort: handle.abort_handle(),
                 inflight,
+                served,
                 last,
             },
         );
@@ -210,6 +224,7 @@ pub(super) async fn serve(
 #[derive(Clone)]
 struct Track {
     inflight: Arc<AtomicUsize>,
+    served: Arc<AtomicBool>,
     last: Arc<AtomicU64>,
     start: Instant,
 }
@@ -220,6 +235,7 @@ struct InFlight(Track);
 impl InFlight {
     fn new(t: &Track) -> Self {
         t.inflight.fetch_add(1, Ordering::AcqRel);
+        t.served.store(true, Ordering::Relaxed);
         Self(t.clone())
     }
 }
