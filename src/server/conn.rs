@@ -60,8 +60,8 @@ struct Table {
     next: u64,
 }
 
-/// A connection is only taken over once idle for this long, so that an answer just produced
-/// has been written.
+/// A client's connection is only taken over once idle for this long, so that an answer just
+/// produced has been written.
 const EVICT_AFTER_MS: u64 = 200;
 
 /// The answer to a connection refused at the limit.
@@ -141,7 +141,9 @@ pub(super) async fn serve(
                 .iter()
                 .filter(|(_, s)| {
                     s.inflight.load(Ordering::Acquire) == 0
-                        && now.saturating_sub(s.last.load(Ordering::Relaxed)) >= EVICT_AFTER_MS
+                        && (!s.served.load(Ordering::Relaxed)
+                            || now.saturating_sub(s.last.load(Ordering::Relaxed))
+                                >= EVICT_AFTER_MS)
                 })
                 // Sockets that never sent a whole request go first, the oldest first; a
                 // client's idle keep-alive connection only when there are none.

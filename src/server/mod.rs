@@ -86,6 +86,8 @@ pub(crate) struct App {
     picks: Mutex<HashMap<u64, u64>>,
     conns: conn::Stats,
     started: Instant,
+    /// Item-vector caches written by reloads after an edit (see [`App::swap_arc`]).
+    edit_caches: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 pub(crate) type AppState = Arc<App>;
@@ -117,7 +119,19 @@ impl App {
     ) -> api::ApiResult<()> {
         let loaded = self.loaded()?;
         let items = new.catalog.len();
-        *loaded.current.write().unwrap() = new;
+        let old = std::mem::replace(&mut *loaded.current.write().unwrap(), new.clone());
+        // A --cache-dir outside the bundle would keep every edit's item-vector cache: the
+        // replaced one goes when an earlier edit of this server wrote it (unlinking is safe while
+        // a request still maps it). The bundle's own cache folder is the edit's to manage.
+        if let (Some(before), Some(now)) = (&old.items.path, &new.items.path) {
+            let mut ours = self.edit_caches.lock().unwrap();
+            if before != now && ours.remove(before) && !before.starts_with(&old.bundle.dir) {
+                let _ = std::fs::remove_file(before);
+            }
+            if new.items.computed {
+                ours.insert(now.clone());
+            }
+        }
         self.sessions.lock().unwrap().catalog_changed(removed);
         if let Some(id) = removed {
             self.picks.lock().unwrap().remove(&id);
@@ -146,6 +160,7 @@ pub fn run(listener: std::net::TcpListener, cfg: Config, load: Loader) -> anyhow
         picks: Mutex::new(HashMap::new()),
         conns: conn::Stats::default(),
         started: Instant::now(),
+        edit_caches: Mutex::new(Default::default()),
         cfg,
     });
     let failed: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
