@@ -142,8 +142,7 @@ pub(super) async fn serve(
                 .filter(|(_, s)| {
                     s.inflight.load(Ordering::Acquire) == 0
                         && (!s.served.load(Ordering::Relaxed)
-                            || now.saturating_sub(s.last.load(Ordering::Relaxed))
-                                >= EVICT_AFTER_MS)
+                            || now.saturating_sub(s.last.load(Ordering::Relaxed)) >= EVICT_AFTER_MS)
                 })
                 // Sockets that never sent a whole request go first, the oldest first; a
                 // client's idle keep-alive connection only when there are none.

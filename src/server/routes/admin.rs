@@ -112,12 +112,14 @@ async fn apply(
     let result = tokio::task::spawn_blocking(move || {
         let e = make()?;
         match (&e, known) {
-            (Edit::Add(_), true) => return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!(
+            (Edit::Add(_), true) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
                     "item {id} is already in the catalog (PUT /v1/admin/items/{id} replaces it)"
                 ),
-            )),
+                ))
+            }
             (Edit::Replace(_) | Edit::Remove(_), false) => {
                 return Err(ApiError::not_found(format!(
                     "item {id} is not in the catalog"
