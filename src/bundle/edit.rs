@@ -25,6 +25,22 @@ pub struct NewItem {
     pub item: Item,
     /// Its image feature (the img bank's dimension), if it has an image.
     pub image: Option<Vec<f32>>,
+    /// The photo itself (JPEG, PNG or WebP bytes), stored in the bundle as
+    /// `images/<id>.<ext>` and recorded as the item's `image`, so that the kiosk shows it.
+    pub photo: Option<Vec<u8>>,
+}
+
+/// The folder of a bundle that holds the photos stored by [`edit`].
+pub const PHOTOS: &str = "images";
+
+/// The file extension of a photo's bytes (`jpg`, `png`, `webp`), from its magic number.
+pub fn photo_ext(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0xff, 0xd8, 0xff, ..] => Some("jpg"),
+        [0x89, b'P', b'N', b'G', ..] => Some("png"),
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some("webp"),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -94,8 +110,15 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
             (*id, None)
         }
     };
+    let mut photo: Option<(&[u8], String)> = None;
     if let Some(n) = new {
         ensure!(!n.item.title().trim().is_empty(), "item {id} needs a title");
+        if let Some(bytes) = &n.photo {
+            let ext = photo_ext(bytes).with_context(|| {
+                format!("the photo of item {id} is not a JPEG, PNG or WebP file")
+            })?;
+            photo = Some((bytes, format!("{PHOTOS}/{id}.{ext}")));
+        }
         if let Some(row) = &n.image {
             let bank = banks.get(&Modality::Img).with_context(|| {
                 format!(
@@ -125,14 +148,20 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
         let item: Item = serde_json::from_str(line)?;
         if item.id == id {
             if let Some(n) = new {
-                lines.push(item_line(&n.item)?);
+                // A replacement without a photo keeps the old one's.
+                let image = match &photo {
+                    Some((_, rel)) => Some(rel.clone()),
+                    None => n.item.image.clone().or(item.image.clone()),
+                };
+                lines.push(item_line(&n.item, image)?);
             }
         } else {
             lines.push(line.to_string());
         }
     }
     if let Edit::Add(n) = edit {
-        lines.push(item_line(&n.item)?);
+        let image = photo.as_ref().map(|(_, rel)| rel.clone());
+        lines.push(item_line(&n.item, image.or(n.item.image.clone()))?);
     }
     let mut new_items = lines.join("\n");
     new_items.push('\n');
@@ -231,6 +260,21 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
             new_digests.insert(modality, bank.file_sha256());
             new_banks.insert(modality, bank);
         }
+        // The item's stored photo: the old one goes when the item goes or gets a new one (the
+        // file is unlinked, never written through: it is a hard link to the old bundle's).
+        if matches!(edit, Edit::Remove(_)) || photo.is_some() {
+            for ext in ["jpg", "png", "webp"] {
+                let _ = std::fs::remove_file(tmp.join(PHOTOS).join(format!("{id}.{ext}")));
+            }
+        }
+        if let Some((bytes, rel)) = &photo {
+            std::fs::create_dir_all(tmp.join(PHOTOS))?;
+            let path = tmp.join(rel);
+            let mut f = std::fs::File::create(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.sync_all()?;
+        }
         let cache_dir = tmp.join("cache");
         if let Some(stale) = &stale {
             let _ = std::fs::remove_file(cache_dir.join(stale));
@@ -256,8 +300,8 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
     })
 }
 
-/// The catalog line of an item: id, title, and description / genres when present.
-fn item_line(item: &Item) -> Result<String> {
+/// The catalog line of an item: id, title, and description / genres / image when present.
+fn item_line(item: &Item, image: Option<String>) -> Result<String> {
     let mut obj = serde_json::Map::new();
     obj.insert("id".into(), item.id.into());
     obj.insert("title".into(), item.title().into());
@@ -266,6 +310,9 @@ fn item_line(item: &Item) -> Result<String> {
     }
     if !item.genres.is_empty() {
         obj.insert("genres".into(), item.genres.clone().into());
+    }
+    if let Some(image) = image {
+        obj.insert("image".into(), image.into());
     }
     Ok(serde_json::to_string(&obj)?)
 }

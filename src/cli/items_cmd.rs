@@ -1,6 +1,6 @@
 //! `illmrec items add|remove|replace`: change one item of a bundle in place (atomically).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use illmrec::bundle::edit::{edit, Edit, EditReport, NewItem};
 use illmrec::images::ImageEncoder;
@@ -59,6 +59,10 @@ pub fn run(cmd: ItemsCommand) -> Result<()> {
 }
 
 fn new_item(a: ItemArgs) -> Result<NewItem> {
+    let photo = match &a.image {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?),
+        None => None,
+    };
     let image = match &a.image {
         Some(p) => {
             let t = std::time::Instant::now();
@@ -83,11 +87,11 @@ fn new_item(a: ItemArgs) -> Result<NewItem> {
                 .map(|g| g.trim().to_string())
                 .filter(|g| !g.is_empty())
                 .collect(),
-            // The photo is encoded into the img bank, not copied: `serve --images DIR` shows
-            // pictures kept outside the bundle.
             image: None,
         },
         image,
+        // Stored in the bundle (`images/<id>.<ext>`), so that the kiosk shows it.
+        photo,
     })
 }
 

@@ -136,32 +136,20 @@ impl Recommender {
         let info = GgufInfo::read(&model_path)?;
         bundle.check_model(&model_path, &info)?;
         opts.context.check(&info)?;
-        let m = &bundle.manifest;
-        let heads = Heads::from_bytes(
-            &bundle.read_verified(&m.heads)?,
-            &bundle.file(&m.heads),
-            &bundle.read_verified(&m.heads_config)?,
-            &bundle.file(&m.heads_config),
-        )?;
-        let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
-        let cache_dir = opts
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| bundle.dir.join("cache"));
-        let (banks, digests) =
-            bundle.open_banks(Some(&crate::store::verified::Stamps::new(&cache_dir)))?;
-        check_dims(&heads, info.n_embd, &banks)?;
-        let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
+        let parts = read_parts(bundle, &opts, info.n_embd)?;
         let model = Arc::new(Model::load(&model_path, &opts.model_options)?);
-        Self::on(Arc::new(Shared {
-            bundle,
-            catalog,
-            heads,
-            banks,
-            items,
-            model,
-            opts,
-        }))
+        Self::on(Arc::new(parts.with(model, opts)))
+    }
+
+    /// Puts a reloaded shared part ([`Shared::reload`], on the same model) in place of this
+    /// one's; the context and its cached task prefix are kept.
+    pub fn set_shared(&mut self, shared: Arc<Shared>) -> Result<()> {
+        ensure!(
+            Arc::ptr_eq(&self.shared.model, &shared.model),
+            "a reloaded bundle must keep the loaded model"
+        );
+        self.shared = shared;
+        Ok(())
     }
 
     /// A recommender with a context of its own on an opened shared part (one per worker thread).
@@ -316,6 +304,66 @@ impl Recommender {
             dropped_for_context: dropped,
             prompt_positions: inputs.len(),
         })
+    }
+}
+
+/// What [`Recommender::open`] and [`Shared::reload`] read from the bundle besides the model.
+struct Parts {
+    bundle: Bundle,
+    catalog: Catalog,
+    heads: Heads,
+    banks: BTreeMap<Modality, Bank>,
+    items: ItemVectors,
+}
+
+impl Parts {
+    fn with(self, model: Arc<Model>, opts: Options) -> Shared {
+        Shared {
+            bundle: self.bundle,
+            catalog: self.catalog,
+            heads: self.heads,
+            banks: self.banks,
+            items: self.items,
+            model,
+            opts,
+        }
+    }
+}
+
+fn read_parts(bundle: Bundle, opts: &Options, n_embd: usize) -> Result<Parts> {
+    let m = &bundle.manifest;
+    let heads = Heads::from_bytes(
+        &bundle.read_verified(&m.heads)?,
+        &bundle.file(&m.heads),
+        &bundle.read_verified(&m.heads_config)?,
+        &bundle.file(&m.heads_config),
+    )?;
+    let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
+    let cache_dir = opts
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| bundle.dir.join("cache"));
+    let (banks, digests) =
+        bundle.open_banks(Some(&crate::store::verified::Stamps::new(&cache_dir)))?;
+    check_dims(&heads, n_embd, &banks)?;
+    let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
+    Ok(Parts {
+        bundle,
+        catalog,
+        heads,
+        banks,
+        items,
+    })
+}
+
+impl Shared {
+    /// The bundle read again from its folder (after an item edit: catalog, heads, banks, item
+    /// vectors, each checked as [`Recommender::open`] checks them), on the same loaded model and
+    /// options; workers take it with [`Recommender::set_shared`].
+    pub fn reload(&self) -> Result<Shared> {
+        let bundle = Bundle::open(&self.bundle.dir)?;
+        let parts = read_parts(bundle, &self.opts, self.model.info.n_embd)?;
+        Ok(parts.with(self.model.clone(), self.opts.clone()))
     }
 }
 

@@ -31,6 +31,12 @@ impl ApiError {
     pub(super) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
     }
+    pub(super) fn loading() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is still loading its bundle; retry shortly",
+        )
+    }
 }
 
 impl From<RequestError> for ApiError {

@@ -1,7 +1,10 @@
 //! The service's Prometheus metrics (OpenMetrics text at `/metrics`): requests by route, method
-//! and status, a latency histogram per route, queue depth and capacity, sessions, positions
-//! decoded per session tap, and what model and heads are being served.
+//! and status, histograms per route of latency, queue wait and compute, positions decoded,
+//! queue depth and capacity, sessions, positions decoded per session tap, connections, and
+//! what model and heads are being served.
 
+use super::conn::Stats;
+use super::pool::Timing;
 use axum::http::{Method, StatusCode};
 use illmrec::recommender::Shared;
 use prometheus_client::encoding::{text::encode, EncodeLabelSet};
@@ -11,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,13 +31,28 @@ struct RouteLabels {
 }
 
 pub struct Metrics {
-    registry: Registry,
+    registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
+    queue_wait: Family<RouteLabels, Histogram>,
+    compute: Family<RouteLabels, Histogram>,
+    decoded: Family<RouteLabels, Counter>,
     queue_depth: Gauge,
+    queue_capacity: Gauge,
+    contexts: Gauge,
+    trained: Gauge,
+    items: Gauge,
+    ready: Gauge,
     sessions: Gauge,
     session_bytes: Gauge,
     tap_positions: Histogram,
+    connections: Gauge,
+    connection_events: Family<EventLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -40,8 +60,14 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::default();
+    registry.register(name, help, g.clone());
+    g
+}
+
 impl Metrics {
-    pub fn new(shared: &Shared, pool: &super::Pool) -> Self {
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("illmrec");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -49,41 +75,66 @@ impl Metrics {
             "HTTP requests answered, by route, method and status",
             requests.clone(),
         );
-        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
+        let histograms = || {
+            Family::<RouteLabels, Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            )
+        };
+        let latency = histograms();
         registry.register(
             "http_request_duration_seconds",
             "Time from request to response, by route",
             latency.clone(),
         );
-        let queue_depth = Gauge::default();
+        let queue_wait = histograms();
         registry.register(
+            "queue_wait_seconds",
+            "Time LLM jobs waited for a worker, per request, by route",
+            queue_wait.clone(),
+        );
+        let compute = histograms();
+        registry.register(
+            "compute_seconds",
+            "Time LLM jobs ran on a worker, per request, by route",
+            compute.clone(),
+        );
+        let decoded = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "decoded_positions",
+            "Prompt positions decoded by the LLM (the cached task prefix not counted), by route",
+            decoded.clone(),
+        );
+        let queue_depth = gauge(
+            &mut registry,
             "queue_depth",
             "LLM jobs waiting for a worker",
-            queue_depth.clone(),
         );
-        let capacity: Gauge = Gauge::default();
-        capacity.set(pool.capacity as i64);
-        registry.register(
+        let queue_capacity = gauge(
+            &mut registry,
             "queue_capacity",
             "Most LLM jobs that may wait (more are answered 503)",
-            capacity,
         );
-        let contexts: Gauge = Gauge::default();
-        contexts.set(pool.contexts as i64);
-        registry.register(
+        let contexts = gauge(
+            &mut registry,
             "contexts",
             "llama.cpp contexts (LLM worker threads)",
-            contexts,
         );
-        let sessions = Gauge::default();
-        registry.register("sessions", "Kiosk sessions held", sessions.clone());
-        let session_bytes = Gauge::default();
-        registry.register(
+        let trained = gauge(
+            &mut registry,
+            "trained",
+            "1 when the bundle's heads are trained, 0 when random",
+        );
+        let items = gauge(&mut registry, "catalog_items", "Items in the catalog");
+        let ready = gauge(
+            &mut registry,
+            "ready",
+            "1 once the bundle is loaded and requests are served",
+        );
+        let sessions = gauge(&mut registry, "sessions", "Kiosk sessions held");
+        let session_bytes = gauge(
+            &mut registry,
             "session_state_bytes",
             "Bytes of saved KV state held by sessions",
-            session_bytes.clone(),
         );
         let tap_positions = Histogram::new(exponential_buckets(8.0, 2.0, 9));
         registry.register(
@@ -91,18 +142,43 @@ impl Metrics {
             "Prompt positions decoded per session request",
             tap_positions.clone(),
         );
-        let trained: Gauge = Gauge::default();
-        trained.set(shared.heads.config.trained as i64);
+        let connections = gauge(&mut registry, "connections", "Open HTTP connections");
+        let connection_events = Family::<EventLabels, Gauge>::default();
         registry.register(
-            "trained",
-            "1 when the bundle's heads are trained, 0 when random",
-            trained,
+            "connection_events",
+            "Connections accepted, evicted (to make room at the limit), refused (503 at the limit, all busy), closed idle, or closed on a header error, since start",
+            connection_events.clone(),
         );
-        let items: Gauge = Gauge::default();
-        items.set(shared.catalog.len() as i64);
-        registry.register("catalog_items", "Items in the catalog", items);
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            latency,
+            queue_wait,
+            compute,
+            decoded,
+            queue_depth,
+            queue_capacity,
+            contexts,
+            trained,
+            items,
+            ready,
+            sessions,
+            session_bytes,
+            tap_positions,
+            connections,
+            connection_events,
+        }
+    }
+
+    /// What is known once the bundle is loaded.
+    pub fn loaded(&self, shared: &Shared, pool: &super::Pool) {
+        self.queue_capacity.set(pool.capacity as i64);
+        self.contexts.set(pool.contexts as i64);
+        self.trained.set(shared.heads.config.trained as i64);
+        self.items.set(shared.catalog.len() as i64);
+        self.ready.set(1);
         let model = shared.model();
-        registry.register(
+        self.registry.lock().unwrap().register(
             "model",
             "The model and heads served",
             Info::new(vec![
@@ -124,18 +200,20 @@ impl Metrics {
                 ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
             ]),
         );
-        Self {
-            registry,
-            requests,
-            latency,
-            queue_depth,
-            sessions,
-            session_bytes,
-            tap_positions,
-        }
     }
 
-    pub fn observe(&self, route: &str, method: &Method, status: StatusCode, elapsed: Duration) {
+    pub fn catalog_items(&self, n: usize) {
+        self.items.set(n as i64);
+    }
+
+    pub fn observe(
+        &self,
+        route: &str,
+        method: &Method,
+        status: StatusCode,
+        elapsed: Duration,
+        timing: &Timing,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.to_string(),
@@ -143,23 +221,56 @@ impl Metrics {
                 status: status.as_u16(),
             })
             .inc();
+        let r = RouteLabels {
+            route: route.to_string(),
+        };
         self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-            })
+            .get_or_create(&r)
             .observe(elapsed.as_secs_f64());
+        if !timing.compute.is_zero() {
+            self.queue_wait
+                .get_or_create(&r)
+                .observe(timing.queue.as_secs_f64());
+            self.compute
+                .get_or_create(&r)
+                .observe(timing.compute.as_secs_f64());
+        }
+        if timing.decoded > 0 {
+            self.decoded.get_or_create(&r).inc_by(timing.decoded as u64);
+        }
     }
 
     pub fn session_tap(&self, decoded: usize) {
         self.tap_positions.observe(decoded as f64);
     }
 
-    pub fn render(&self, queue_depth: usize, sessions: usize, session_bytes: usize) -> String {
+    pub fn render(
+        &self,
+        queue_depth: usize,
+        sessions: usize,
+        session_bytes: usize,
+        conns: &Stats,
+    ) -> String {
         self.queue_depth.set(queue_depth as i64);
         self.sessions.set(sessions as i64);
         self.session_bytes.set(session_bytes as i64);
+        self.connections
+            .set(conns.open.load(Ordering::Relaxed) as i64);
+        for (event, n) in [
+            ("accepted", &conns.accepted),
+            ("evicted", &conns.evicted),
+            ("refused", &conns.refused),
+            ("idle_closed", &conns.idle_closed),
+            ("header_error", &conns.header_errors),
+        ] {
+            self.connection_events
+                .get_or_create(&EventLabels {
+                    event: event.to_string(),
+                })
+                .set(n.load(Ordering::Relaxed) as i64);
+        }
         let mut text = String::new();
-        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        encode(&mut text, &self.registry.lock().unwrap()).expect("writing to a String cannot fail");
         text
     }
 }

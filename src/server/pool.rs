@@ -1,17 +1,47 @@
 //! The LLM worker pool: N threads, each with its own llama.cpp context on the shared model,
 //! behind a bounded queue. A full queue is refused at once (the caller answers 503) instead of
 //! growing memory; a job whose client is gone by the time a worker takes it is skipped; a
-//! worker that panics answers nothing and keeps serving.
+//! worker that panics answers nothing and keeps serving. Before each job a worker takes the
+//! bundle as it is now (an admin edit swaps it), and each job's queue wait and compute time are
+//! added to the request's [`Timing`] (metrics and the request log).
 
-use illmrec::recommender::Recommender;
+use illmrec::recommender::{Recommender, Shared};
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::RwLock;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-type Job = Box<dyn FnOnce(&mut Recommender) + Send>;
+type Job = Box<dyn FnOnce(&mut Recommender, Instant) + Send>;
+
+/// Where a request's time went, gathered while it runs (a task-local set by the request
+/// middleware; jobs run outside a request leave it alone).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timing {
+    /// Waiting for a worker.
+    pub queue: Duration,
+    /// Running on a worker.
+    pub compute: Duration,
+    /// Prompt positions decoded (the cached task prefix not counted).
+    pub decoded: usize,
+}
+
+tokio::task_local! {
+    pub static TIMING: Cell<Timing>;
+}
+
+/// Adds positions decoded to the current request's timing.
+pub fn count_decoded(n: usize) {
+    let _ = TIMING.try_with(|t| {
+        let mut v = t.get();
+        v.decoded += n;
+        t.set(v);
+    });
+}
 
 /// Why a job was not run.
 #[derive(Debug, PartialEq)]
@@ -35,7 +65,11 @@ pub struct Pool {
 impl Pool {
     /// Starts one thread per recommender (each owns its context), with a queue of `capacity`
     /// jobs waiting beyond those being run.
-    pub fn new(recommenders: Vec<Recommender>, capacity: usize) -> Self {
+    pub fn new(
+        recommenders: Vec<Recommender>,
+        capacity: usize,
+        current: Arc<RwLock<Arc<Shared>>>,
+    ) -> Self {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let rx = Arc::new(Mutex::new(rx));
         let depth = Arc::new(AtomicUsize::new(0));
@@ -46,9 +80,10 @@ impl Pool {
             .map(|(i, rec)| {
                 let rx = rx.clone();
                 let depth = depth.clone();
+                let current = current.clone();
                 std::thread::Builder::new()
                     .name(format!("llm-worker-{i}"))
-                    .spawn(move || worker(rec, rx, depth))
+                    .spawn(move || worker(rec, rx, depth, current))
                     .expect("cannot start a worker thread")
             })
             .collect();
@@ -74,9 +109,11 @@ impl Pool {
         F: FnOnce(&mut Recommender) -> T + Send + 'static,
     {
         let (answer, rx) = oneshot::channel();
-        let job: Job = Box::new(move |rec| {
+        let queued = Instant::now();
+        let job: Job = Box::new(move |rec, started| {
             if !answer.is_closed() {
-                let _ = answer.send(f(rec));
+                let value = f(rec);
+                let _ = answer.send((value, started - queued, started.elapsed()));
             }
         });
         {
@@ -96,7 +133,14 @@ impl Pool {
                 }
             }
         }
-        rx.await.map_err(|_| PoolError::Lost)
+        let (value, queue, compute) = rx.await.map_err(|_| PoolError::Lost)?;
+        let _ = TIMING.try_with(|t| {
+            let mut v = t.get();
+            v.queue += queue;
+            v.compute += compute;
+            t.set(v);
+        });
+        Ok(value)
     }
 
     /// Stops taking jobs, lets the workers finish those queued, and waits for them.
@@ -108,14 +152,25 @@ impl Pool {
     }
 }
 
-fn worker(mut rec: Recommender, rx: Arc<Mutex<Receiver<Job>>>, depth: Arc<AtomicUsize>) {
+fn worker(
+    mut rec: Recommender,
+    rx: Arc<Mutex<Receiver<Job>>>,
+    depth: Arc<AtomicUsize>,
+    current: Arc<RwLock<Arc<Shared>>>,
+) {
     loop {
         let job = match rx.lock().unwrap().recv() {
             Ok(job) => job,
             Err(_) => return, // the pool is shut down and the queue is empty
         };
+        let started = Instant::now();
         depth.fetch_sub(1, Ordering::Relaxed);
+        let now = current.read().unwrap().clone();
+        if !Arc::ptr_eq(rec.shared(), &now) {
+            // Same model by construction (Shared::reload): this cannot fail.
+            let _ = rec.set_shared(now);
+        }
         // A panic drops the job's answer channel: the caller gets PoolError::Lost.
-        let _ = catch_unwind(AssertUnwindSafe(|| job(&mut rec)));
+        let _ = catch_unwind(AssertUnwindSafe(|| job(&mut rec, started)));
     }
 }

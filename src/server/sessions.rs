@@ -20,6 +20,8 @@ pub struct Sessions {
     /// Sessions dropped so far, by eviction or expiry.
     pub evicted: u64,
     pub expired: u64,
+    /// Bumped when the catalog changes: a state taken out before is not put back.
+    pub generation: u64,
 }
 
 impl Sessions {
@@ -30,6 +32,7 @@ impl Sessions {
             idle,
             evicted: 0,
             expired: 0,
+            generation: 0,
         }
     }
 
@@ -83,6 +86,18 @@ impl Sessions {
         let s = self.map.get_mut(id)?;
         s.last_used = now;
         Some(s)
+    }
+
+    /// After a catalog change: saved states are dropped (an item's prompt may differ now),
+    /// and a removed item leaves every history.
+    pub fn catalog_changed(&mut self, removed: Option<u64>) {
+        self.generation += 1;
+        for s in self.map.values_mut() {
+            s.state = Some(SessionState::default());
+            if let Some(id) = removed {
+                s.history.retain(|&x| x != id);
+            }
+        }
     }
 
     pub fn remove(&mut self, id: &str) -> bool {

@@ -24,14 +24,52 @@ impl Server {
         Self::start_with(bin, &demo_bundle(), extra)
     }
 
+    /// Starts the server and waits (up to 5 minutes) until `/health/ready` answers 200.
     pub fn start_with(bin: &str, bundle: &Path, extra: &[&str]) -> Server {
+        let mut server = Self::spawn(bin, bundle, extra);
+        server.wait_ready(Duration::from_secs(300));
+        server
+    }
+
+    /// Waits until the bundle is loaded (`/health/ready` 200); panics with the server's
+    /// stderr if it exits or takes longer than `limit`.
+    pub fn wait_ready(&mut self, limit: Duration) {
+        let a = agent();
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = a.get(format!("{}/health/ready", self.url)).call() {
+                if r.status().as_u16() == 200 {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the server exited ({status}) while loading: {}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the server was not ready after {limit:?}: {}",
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the server and returns once it listens (its bundle may still be loading).
+    pub fn spawn(bin: &str, bundle: &Path, extra: &[&str]) -> Server {
         let cache =
             std::env::temp_dir().join(format!("illmrec-serve-cache-{}", std::process::id()));
         let mut child = Command::new(bin)
             .args(["serve", "--bundle"])
             .arg(bundle)
-            .args(["--addr", "127.0.0.1:0", "--cache-dir"])
-            .arg(&cache)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(if extra.contains(&"--cache-dir") {
+                vec![]
+            } else {
+                vec!["--cache-dir".into(), cache.into_os_string()]
+            })
             .args(if extra.contains(&"--threads") {
                 &[][..]
             } else {
@@ -50,6 +88,12 @@ impl Server {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
                 s.push('\n');
+                // A long run logs a line per request: keep the last few MiB.
+                if s.len() > 8 << 20 {
+                    let cut = s.len() - (4 << 20);
+                    let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                    s.drain(..cut);
+                }
             }
         });
         let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -62,6 +106,11 @@ impl Server {
             .trim_end_matches('/')
             .to_string();
         Server { child, url, stderr }
+    }
+
+    /// The `host:port` it listens on.
+    pub fn addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,5 +1,6 @@
 //! The touch page (`GET /`) and the catalog: `GET /v1/items` (search, pages),
-//! `GET /v1/items/{id}`, `GET /v1/items/{id}/image`; and how an item is shown in every answer.
+//! `GET /v1/items/{id}`, `GET /v1/items/{id}/image`, `GET /v1/popular` (the empty session's
+//! row); and how an item is shown in every answer.
 
 use crate::server::api::{parse_id, ApiError, ApiResult};
 use crate::server::{App, AppState};
@@ -7,14 +8,23 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use illmrec::recommender::Scored;
+use illmrec::recommender::{Scored, Shared};
 use illmrec::store::catalog::Item;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 
 const PAGE: &str = include_str!("../page.html");
 
-pub(super) async fn page() -> Response {
+pub(super) async fn page(State(app): State<AppState>) -> Response {
+    // Developer controls (show scores) only with --dev-controls.
+    let page = match app.cfg.dev_controls {
+        true => PAGE.replace(
+            "<body class=\"hide-scores\">",
+            "<body class=\"hide-scores dev\">",
+        ),
+        false => PAGE.to_string(),
+    };
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -24,19 +34,26 @@ pub(super) async fn page() -> Response {
             ),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        PAGE,
+        page,
     )
         .into_response()
 }
 
+/// The item's picture: from `--images` when given, else (or when not found there) a photo
+/// stored in the bundle.
+fn picture(app: &App, shared: &Shared, item: &Item) -> Option<PathBuf> {
+    let dir = &shared.bundle.dir;
+    illmrec::store::catalog::image_file(item, dir, app.cfg.images.as_deref()).or_else(|| {
+        app.cfg
+            .images
+            .as_ref()
+            .and_then(|_| illmrec::store::catalog::image_file(item, dir, None))
+    })
+}
+
 /// An item as the API shows it.
-pub(super) fn item_json(app: &App, item: &Item, score: Option<f32>) -> Value {
-    let has_image = illmrec::store::catalog::image_file(
-        item,
-        &app.shared.bundle.dir,
-        app.cfg.images.as_deref(),
-    )
-    .is_some();
+pub(super) fn item_json(app: &App, shared: &Shared, item: &Item, score: Option<f32>) -> Value {
+    let has_image = picture(app, shared, item).is_some();
     let mut v = json!({
         "id": item.id,
         "title": item.title(),
@@ -50,15 +67,87 @@ pub(super) fn item_json(app: &App, item: &Item, score: Option<f32>) -> Value {
     v
 }
 
-pub(super) fn ranked_json(app: &App, top: &[Scored]) -> Vec<Value> {
+pub(super) fn ranked_json(app: &App, shared: &Shared, top: &[Scored]) -> Vec<Value> {
     top.iter()
         .filter_map(|s| {
-            app.shared
+            shared
                 .catalog
                 .get(s.id)
-                .map(|i| item_json(app, i, Some(s.score)))
+                .map(|i| item_json(app, shared, i, Some(s.score)))
         })
         .collect()
+}
+
+/// The row an empty session shows: `--featured` items, else those picked most on this kiosk,
+/// topped up in catalog order; and which of these it is.
+pub(super) fn popular_row(app: &App, shared: &Shared, limit: usize) -> (Vec<Value>, &'static str) {
+    let mut ids: Vec<u64> = Vec::new();
+    let mut source = "catalog";
+    let featured: Vec<u64> = app
+        .cfg
+        .featured
+        .iter()
+        .copied()
+        .filter(|id| shared.catalog.get(*id).is_some())
+        .collect();
+    if !featured.is_empty() {
+        source = "featured";
+        ids = featured;
+    } else {
+        let mut picked: Vec<(u64, u64)> = app
+            .picks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(&id, &n)| (id, n))
+            .filter(|(id, _)| shared.catalog.get(*id).is_some())
+            .collect();
+        picked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        if !picked.is_empty() {
+            source = "picked_here";
+        }
+        ids.extend(picked.into_iter().map(|(id, _)| id));
+    }
+    ids.truncate(limit);
+    if ids.len() < limit {
+        for item in shared.catalog.search("", 0, limit * 2).items {
+            if ids.len() >= limit {
+                break;
+            }
+            if !ids.contains(&item.id) {
+                ids.push(item.id);
+            }
+        }
+    }
+    let items = ids
+        .iter()
+        .filter_map(|id| shared.catalog.get(*id))
+        .map(|i| item_json(app, shared, i, None))
+        .collect();
+    (items, source)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PopularQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+pub(super) async fn popular(
+    State(app): State<AppState>,
+    q: Result<Query<PopularQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(app.cfg.default_top_k);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad(format!(
+            "limit {limit} is out of range: expected 1 to {MAX_PAGE}"
+        )));
+    }
+    let shared = app.shared()?;
+    let (items, source) = popular_row(&app, &shared, limit);
+    Ok(Json(json!({"source": source, "items": items})))
 }
 
 #[derive(Deserialize)]
@@ -85,17 +174,18 @@ pub(super) async fn items(
             "limit {limit} is out of range: expected 1 to {MAX_PAGE}"
         )));
     }
-    let page = app.shared.catalog.search(&q.query, q.offset, limit);
+    let shared = app.shared()?;
+    let page = shared.catalog.search(&q.query, q.offset, limit);
     Ok(Json(json!({
         "total": page.total,
         "offset": q.offset,
-        "items": page.items.iter().map(|i| item_json(&app, i, None)).collect::<Vec<_>>(),
+        "items": page.items.iter().map(|i| item_json(&app, &shared, i, None)).collect::<Vec<_>>(),
     })))
 }
 
-fn known_item<'a>(app: &'a App, id: &str) -> ApiResult<&'a Item> {
+fn known_item<'a>(shared: &'a Shared, id: &str) -> ApiResult<&'a Item> {
     let id = parse_id(id)?;
-    app.shared
+    shared
         .catalog
         .get(id)
         .ok_or_else(|| ApiError::not_found(format!("item {id} is not in the catalog")))
@@ -105,8 +195,9 @@ pub(super) async fn item(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<Value>> {
-    let item = known_item(&app, &id)?;
-    let mut v = item_json(&app, item, None);
+    let shared = app.shared()?;
+    let item = known_item(&shared, &id)?;
+    let mut v = item_json(&app, &shared, item, None);
     v["description"] = json!(item.description);
     Ok(Json(v))
 }
@@ -117,13 +208,10 @@ pub(super) async fn image(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
-    let item = known_item(&app, &id)?;
-    let path = illmrec::store::catalog::image_file(
-        item,
-        &app.shared.bundle.dir,
-        app.cfg.images.as_deref(),
-    )
-    .ok_or_else(|| ApiError::not_found(format!("item {} has no image", item.id)))?;
+    let shared = app.shared()?;
+    let item = known_item(&shared, &id)?;
+    let path = picture(&app, &shared, item)
+        .ok_or_else(|| ApiError::not_found(format!("item {} has no image", item.id)))?;
     let too_big = std::fs::metadata(&path).map_or(true, |m| m.len() > MAX_IMAGE_BYTES);
     if too_big {
         return Err(ApiError::not_found(format!(
@@ -140,7 +228,8 @@ pub(super) async fn image(
                 header::CONTENT_TYPE,
                 illmrec::store::catalog::image_type(&path),
             ),
-            (header::CACHE_CONTROL, "max-age=3600"),
+            // A replaced photo keeps its URL: revalidate rather than cache for long.
+            (header::CACHE_CONTROL, "max-age=60"),
         ],
         bytes,
     )

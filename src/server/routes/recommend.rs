@@ -3,12 +3,13 @@
 
 use super::items::ranked_json;
 use crate::server::api::{read_body, with_timeout, ApiError, ApiResult, JsonBody};
+use crate::server::pool::count_decoded;
 use crate::server::{App, AppState};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use illmrec::recommender::{RequestError, Scored, UserVector};
+use illmrec::recommender::{Recommender, RequestError, Scored, Shared, UserVector};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -32,15 +33,28 @@ pub(super) fn exclusions(history: &[u64], include_seen: bool) -> HashSet<u64> {
     }
 }
 
-/// The answer for a user vector: top items and what went into the prompt.
-pub(super) fn answer(app: &App, history: &[u64], user: &UserVector, top: &[Scored]) -> Value {
+/// The answer for a user vector: top items and what went into the prompt (`shared`: the
+/// bundle the worker scored with).
+pub(super) fn answer(
+    app: &App,
+    shared: &Shared,
+    history: &[u64],
+    user: &UserVector,
+    top: &[Scored],
+) -> Value {
     json!({
         "history": history,
         "history_used": user.used,
         "prompt_positions": user.prompt_positions,
-        "trained": app.shared.heads.config.trained,
-        "items": ranked_json(app, top),
+        "trained": shared.heads.config.trained,
+        "items": ranked_json(app, shared, top),
     })
+}
+
+/// Positions a cold request decodes: its prompt less the cached task prefix.
+pub(super) fn cold_decoded(rec: &mut Recommender, user: &UserVector) -> usize {
+    let prefix = rec.context().prefix().len();
+    user.prompt_positions.saturating_sub(prefix)
 }
 
 pub(super) async fn recommend(
@@ -48,22 +62,24 @@ pub(super) async fn recommend(
     JsonBody(r): JsonBody<RecommendRequest>,
 ) -> ApiResult<Json<Value>> {
     let k = r.top_k.unwrap_or(app.cfg.default_top_k);
-    app.shared
+    app.shared()?
         .check_request(&r.history, r.candidates.as_deref(), k)?;
     let history = r.history.clone();
-    let (user, top) = with_timeout(&app, async {
+    let (user, top, shared, decoded) = with_timeout(&app, async {
         Ok(app
-            .pool
+            .pool()?
             .run(move |rec| {
                 let user = rec.encode_user(&r.history)?;
                 let exclude = exclusions(&r.history, r.include_seen);
                 let top = rec.top_k(&user, k, r.candidates.as_deref(), &exclude)?;
-                Ok::<_, RequestError>((user, top))
+                let decoded = cold_decoded(rec, &user);
+                Ok::<_, RequestError>((user, top, rec.shared().clone(), decoded))
             })
             .await??)
     })
     .await?;
-    Ok(Json(answer(&app, &history, &user, &top)))
+    count_decoded(decoded);
+    Ok(Json(answer(&app, &shared, &history, &user, &top)))
 }
 
 /// `score` lines in, `score` lines out (a line that cannot be scored answers `{"line", "error"}`
@@ -81,21 +97,23 @@ pub(super) async fn score(State(app): State<AppState>, req: Request) -> ApiResul
                 .parse()
                 .map_err(|e| ApiError::bad(format!("not a valid user line: {e:#}")))?;
             let k = u.top_k.unwrap_or(app.cfg.default_top_k);
-            app.shared
+            app.shared()?
                 .check_request(&u.history, u.candidates.as_deref(), k)?;
             let user_field = u.user.clone();
-            let (used, top) = with_timeout(&app, async {
+            let (used, top, decoded) = with_timeout(&app, async {
                 Ok(app
-                    .pool
+                    .pool()?
                     .run(move |rec| {
                         let user = rec.encode_user(&u.history)?;
                         let exclude = exclusions(&u.history, false);
                         let top = rec.top_k(&user, k, u.candidates.as_deref(), &exclude)?;
-                        Ok::<_, RequestError>((user.used.len(), top))
+                        let decoded = cold_decoded(rec, &user);
+                        Ok::<_, RequestError>((user.used.len(), top, decoded))
                     })
                     .await??)
             })
             .await?;
+            count_decoded(decoded);
             Ok(json!({"user": user_field, "items": top, "history_used": used}))
         }
         .await;

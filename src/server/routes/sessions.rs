@@ -2,8 +2,10 @@
 //! `POST /v1/sessions/{id}/items` (a tap) and `DELETE /v1/sessions/{id}/items/{item}`. Each answer
 //! continues from the session's saved KV state.
 
+use super::items::popular_row;
 use super::recommend::{answer, exclusions};
 use crate::server::api::{parse_id, read_body, with_timeout, ApiError, ApiResult, JsonBody};
+use crate::server::pool::count_decoded;
 use crate::server::{sessions as store, AppState};
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::StatusCode;
@@ -34,26 +36,34 @@ pub(super) struct TapRequest {
 /// Recommendations for a session's current history, continuing from its saved KV state.
 async fn session_answer(app: &AppState, id: &str, top_k: Option<usize>) -> ApiResult<Value> {
     let k = top_k.unwrap_or(app.cfg.default_top_k);
-    let (history, state) = {
+    let shared = app.shared()?;
+    let (history, state, generation) = {
         let mut sessions = app.sessions.lock().unwrap();
+        let generation = sessions.generation;
         let s = sessions
             .get(id, Instant::now())
             .ok_or_else(|| session_missing(id))?;
-        (s.history.clone(), s.state.take())
+        (s.history.clone(), s.state.take(), generation)
     };
     if history.is_empty() {
         if let Some(s) = app.sessions.lock().unwrap().get(id, Instant::now()) {
             s.state = state;
         }
-        return Ok(
-            json!({"session": id, "history": history, "items": [], "trained": app.shared.heads.config.trained}),
-        );
+        // Something to start from: the featured or popular row, unscored.
+        let (items, source) = popular_row(app, &shared, k);
+        return Ok(json!({
+            "session": id,
+            "history": history,
+            "items": items,
+            "row": source,
+            "trained": shared.heads.config.trained,
+        }));
     }
-    app.shared.check_request(&history, None, k)?;
+    shared.check_request(&history, None, k)?;
     let h = history.clone();
     let result = with_timeout(app, async {
         Ok(app
-            .pool
+            .pool()?
             .run(move |rec| {
                 let mut state = state.unwrap_or_default();
                 let r = rec
@@ -62,21 +72,27 @@ async fn session_answer(app: &AppState, id: &str, top_k: Option<usize>) -> ApiRe
                         let top = rec.top_k(&user, k, None, &exclusions(&h, false))?;
                         Ok((user, top, decoded))
                     });
-                (r, state)
+                (r, state, rec.shared().clone())
             })
             .await?)
     })
     .await?;
-    let (r, state) = result;
-    // Keep the new state unless the history changed meanwhile (another tap won the race).
-    if let Some(s) = app.sessions.lock().unwrap().get(id, Instant::now()) {
-        if s.history == history {
-            s.state = Some(state);
+    let (r, state, shared) = result;
+    // Keep the new state unless the history changed meanwhile (another tap won the race) or
+    // the catalog changed (the state may hold an item's old prompt).
+    {
+        let mut sessions = app.sessions.lock().unwrap();
+        let current = sessions.generation == generation;
+        if let Some(s) = sessions.get(id, Instant::now()) {
+            if s.history == history && current {
+                s.state = Some(state);
+            }
         }
     }
     let (user, top, decoded) = r?;
     app.metrics.session_tap(decoded);
-    let mut v = answer(app, &history, &user, &top);
+    count_decoded(decoded);
+    let mut v = answer(app, &shared, &history, &user, &top);
     v["session"] = json!(id);
     v["decoded_positions"] = json!(decoded);
     Ok(v)
@@ -100,7 +116,7 @@ pub(super) async fn create_session(
             .map_err(|e| ApiError::bad(format!("malformed JSON request: {e}")))?
     };
     if !r.history.is_empty() {
-        app.shared
+        app.shared()?
             .check_request(&r.history, None, r.top_k.unwrap_or(app.cfg.default_top_k))?;
     }
     let id = store::new_id();
@@ -138,7 +154,7 @@ pub(super) async fn session_add(
     UrlPath(id): UrlPath<String>,
     JsonBody(tap): JsonBody<TapRequest>,
 ) -> ApiResult<Json<Value>> {
-    app.shared.check_ids(&[tap.id])?;
+    app.shared()?.check_ids(&[tap.id])?;
     {
         let mut sessions = app.sessions.lock().unwrap();
         let s = sessions
@@ -154,6 +170,7 @@ pub(super) async fn session_add(
         }
         s.history.push(tap.id);
     }
+    *app.picks.lock().unwrap().entry(tap.id).or_default() += 1;
     Ok(Json(session_answer(&app, &id, tap.top_k).await?))
 }
 
