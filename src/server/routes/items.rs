@@ -50,13 +50,15 @@ pub(super) fn item_json(app: &App, item: &Item, score: Option<f32>) -> Value {
     v
 }
 
+/// Ranked items with the library's field names ([`illmrec::recommender::RankedItem`]: `rank`,
+/// `id`, `score`, `title`, `year`, `genres`) and the kiosk's `image`.
 pub(super) fn ranked_json(app: &App, top: &[Scored]) -> Vec<Value> {
     top.iter()
-        .filter_map(|s| {
-            app.shared
-                .catalog
-                .get(s.id)
-                .map(|i| item_json(app, i, Some(s.score)))
+        .zip(app.shared.ranked(top))
+        .filter_map(|(s, r)| {
+            let mut v = item_json(app, app.shared.catalog.get(s.id)?, Some(s.score));
+            v["rank"] = json!(r.rank);
+            Some(v)
         })
         .collect()
 }

@@ -91,12 +91,14 @@ pub(super) async fn score(State(app): State<AppState>, req: Request) -> ApiResul
                         let user = rec.encode_user(&u.history)?;
                         let exclude = exclusions(&u.history, false);
                         let top = rec.top_k(&user, k, u.candidates.as_deref(), &exclude)?;
-                        Ok::<_, RequestError>((user.used.len(), top))
+                        Ok::<_, RequestError>((user.used, top))
                     })
                     .await??)
             })
             .await?;
-            Ok(json!({"user": user_field, "items": top, "history_used": used}))
+            // The fields of `illmrec score`'s records (`ScoreRecord`).
+            let items = app.shared.ranked(&top);
+            Ok(json!({"history_used": used, "items": items, "user": user_field}))
         }
         .await;
         match result {
