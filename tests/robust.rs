@@ -157,7 +157,11 @@ fn concurrent_item_adds_both_land() {
     let catalog = std::fs::read_to_string(bundle.join("items.jsonl")).unwrap();
     let known: std::collections::HashSet<u64> = catalog
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     let new: Vec<u64> = [62211u64, 10001, 10002, 10003, 10005, 10008]
         .into_iter()
@@ -171,7 +175,14 @@ fn concurrent_item_adds_both_land() {
             .map(|id| {
                 let verb = if round == 0 { "add" } else { "remove" };
                 let mut c = Command::new(common::BIN);
-                c.args(["items", verb, "--bundle", &s(&bundle), "--id", &id.to_string()]);
+                c.args([
+                    "items",
+                    verb,
+                    "--bundle",
+                    &s(&bundle),
+                    "--id",
+                    &id.to_string(),
+                ]);
                 if round == 0 {
                     c.args([
                         "--title",
@@ -180,7 +191,10 @@ fn concurrent_item_adds_both_land() {
                         &s(&posters.join(format!("{id}.jpg"))),
                     ]);
                 }
-                c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+                c.stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
             })
             .collect();
         for c in children {
@@ -252,4 +266,203 @@ fn an_output_that_is_the_input_is_refused() {
     ]);
     assert_clean_error(&o, "is the input");
     assert_eq!(std::fs::read_to_string(&ids).unwrap(), "1\n");
+}
+
+/// Replaces bundle files and records their new sizes and sha256 in the manifest.
+fn replace_listed(bundle: &Path, files: &[(&str, Vec<u8>)]) {
+    use sha2::Digest;
+    let path = bundle.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(bundle.join(name), bytes).unwrap();
+        for f in m["files"].as_array_mut().unwrap() {
+            if f["path"] == *name {
+                f["size"] = bytes.len().into();
+                f["sha256"] = illmrec::store::fsutil::hex(&sha2::Sha256::digest(bytes)).into();
+            }
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+}
+
+/// Heads for the demo bundle's config edited by `config`, with random weights edited by `weights`.
+fn new_heads(
+    bundle: &Path,
+    config: impl FnOnce(&mut serde_json::Value),
+    weights: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) {
+    use illmrec::method::heads::{encode_safetensors, random_tensors, HeadsConfig, WeightDtype};
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("heads.json")).unwrap()).unwrap();
+    config(&mut cfg);
+    let cfg_bytes = serde_json::to_vec_pretty(&cfg).unwrap();
+    let parsed = HeadsConfig::parse(&cfg_bytes).unwrap();
+    let mut tensors = random_tensors(&parsed, 3).unwrap();
+    weights(&mut tensors);
+    let heads = encode_safetensors(&tensors, WeightDtype::F16).unwrap();
+    replace_listed(
+        bundle,
+        &[("heads.json", cfg_bytes), ("heads.safetensors", heads)],
+    );
+}
+
+#[test]
+fn meaningless_answers_are_said() {
+    let dir = work("meaningless");
+    let h = history();
+    let seen: Vec<&str> = h.split(',').collect();
+    // Only seen items as candidates: an error naming why, not an empty table.
+    let o = recommend(&demo_bundle(), &["--candidates", &seen[..2].join(",")]);
+    assert_clean_error(&o, "every candidate is in the history");
+
+    // A bank the heads do not score: said, naming the bank.
+    let bundle = demo_copy(&dir.join("unscored"));
+    new_heads(
+        &bundle,
+        |c| {
+            c["item_dims"].as_object_mut().unwrap().remove("cf");
+        },
+        |_| {},
+    );
+    let stderr = ok(&recommend(&bundle, &[]));
+    assert!(
+        stderr.contains("cf bank") && stderr.contains("cf.bank") && stderr.contains("item_dims"),
+        "{stderr}"
+    );
+
+    // User heads of all zeros: an error naming the heads file, not a ranking of zeros.
+    let bundle = demo_copy(&dir.join("zeros"));
+    new_heads(
+        &bundle,
+        |_| {},
+        |t| {
+            for (name, _, values) in t.iter_mut() {
+                if name.starts_with("f_u_") {
+                    values.iter_mut().for_each(|v| *v = 0.0);
+                }
+            }
+        },
+    );
+    let o = recommend(&bundle, &[]);
+    assert_clean_error(&o, "all-zero user vector");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("heads.safetensors"));
+}
+
+#[test]
+fn score_keeps_a_record_for_every_line_and_stops_past_max_errors() {
+    let dir = work("score");
+    let b = s(&demo_bundle());
+    let h = history();
+    let good = format!("{{\"user\": \"a\", \"history\": [{h}], \"top_k\": 3}}");
+    let lines = [
+        good.clone(),
+        "{not json".to_string(),
+        "{\"user\": \"b\", \"history\": [999999999]}".to_string(),
+        "{\"user\": \"c\", \"history\": []}".to_string(),
+        good.replace("\"a\"", "\"d\""),
+    ];
+    let input = dir.join("users.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let output = dir.join("out.jsonl");
+    let score = |extra: &[&str]| {
+        let (i, o) = (s(&input), s(&output));
+        let mut args = vec![
+            "score",
+            "--bundle",
+            &b,
+            "--input",
+            &i,
+            "--output",
+            &o,
+            "--threads",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        illmrec(&args)
+    };
+    let o = score(&[]);
+    let stderr = ok(&o);
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 5, "one record per line");
+    assert_eq!(records[1]["line"], 2);
+    assert!(records[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a valid user line"));
+    assert_eq!(records[2]["line"], 3);
+    assert!(records[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("item 999999999 is not in the catalog"));
+    assert_eq!(records[3]["line"], 4);
+    assert!(
+        stderr.contains("1 malformed, 1 with an unknown item, 1 invalid"),
+        "{stderr}"
+    );
+    // The same field names as `recommend --json`.
+    let rec: serde_json::Value = serde_json::from_str(&illmrec_ok(&[
+        "recommend",
+        "--bundle",
+        &b,
+        "--history",
+        &h,
+        "--top-k",
+        "3",
+        "--json",
+        "--threads",
+        "2",
+    ]))
+    .unwrap();
+    assert_eq!(records[0]["history_used"], rec["history_used"]);
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&records[0]["items"][0]), keys(&rec["items"][0]));
+    for k in ["rank", "id", "score", "title", "year", "genres"] {
+        assert!(records[0]["items"][0].get(k).is_some(), "no {k}");
+    }
+    assert_eq!(records[0]["items"][0]["id"], rec["items"][0]["id"]);
+
+    // --resume on the finished output says so and leaves it.
+    let before = std::fs::read(&output).unwrap();
+    let stderr = ok(&score(&["--resume"]));
+    assert!(stderr.contains("is complete"), "{stderr}");
+    assert!(!stderr.contains("scored"), "re-scored: {stderr}");
+    assert_eq!(std::fs::read(&output).unwrap(), before);
+
+    // Past --max-errors: a non-zero exit; within it, success.
+    assert_clean_error(&score(&["--max-errors", "2"]), "--max-errors 2");
+    ok(&score(&["--max-errors", "3"]));
+
+    // embed shares the policy: the bad lines get NaN rows, the run goes on, or stops past N.
+    let npy = dir.join("states.npy");
+    let embed = |extra: &[&str]| {
+        let (i, o) = (s(&input), s(&npy));
+        let mut args = vec![
+            "embed",
+            "--bundle",
+            &b,
+            "--input",
+            &i,
+            "--output",
+            &o,
+            "--threads",
+            "2",
+            "--restart",
+        ];
+        args.extend_from_slice(extra);
+        illmrec(&args)
+    };
+    let stderr = ok(&embed(&[]));
+    assert!(stderr.contains("unknown item"), "{stderr}");
+    let m = illmrec::store::npy::NpyArray::read(&npy).unwrap();
+    assert_eq!(m.shape[0], 5);
+    assert_clean_error(&embed(&["--max-errors", "1"]), "--max-errors 1");
 }

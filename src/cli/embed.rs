@@ -13,9 +13,9 @@
 //! line k; `--max-errors N` stops the run with a non-zero exit past N such lines.
 
 use super::{messages, UsersFileArgs};
-use illmrec::recommender::batch::{BadLines, LineErrorKind};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use illmrec::recommender::batch::{BadLines, LineErrorKind};
 use illmrec::store::jsonl::{self, HistoryLine};
 use illmrec::store::npy::RowWriter;
 use indicatif::{ProgressBar, ProgressStyle};

@@ -54,7 +54,12 @@ pub fn encode(images: &[PathBuf], map: Option<&Path>, threads: Option<usize>) ->
 }
 
 pub fn run(a: EncodeImagesArgs) -> Result<()> {
-    let inputs: Vec<&Path> = a.images.iter().chain(&a.map).map(PathBuf::as_path).collect();
+    let inputs: Vec<&Path> = a
+        .images
+        .iter()
+        .chain(&a.map)
+        .map(PathBuf::as_path)
+        .collect();
     illmrec::store::fsutil::refuse_input_as_output(&a.out, "--out", &inputs)?;
     illmrec::store::fsutil::refuse_input_as_output(&a.ids, "--ids", &inputs)?;
     anyhow::ensure!(

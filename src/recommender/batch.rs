@@ -305,7 +305,10 @@ mod tests {
         assert_eq!(LineErrorKind::of(&unknown), LineErrorKind::UnknownItem);
         let empty = anyhow::Error::from(RequestError::EmptyHistory);
         assert_eq!(LineErrorKind::of(&empty), LineErrorKind::Invalid);
-        assert_eq!(LineErrorKind::of(&anyhow::anyhow!("boom")), LineErrorKind::Failed);
+        assert_eq!(
+            LineErrorKind::of(&anyhow::anyhow!("boom")),
+            LineErrorKind::Failed
+        );
         assert_eq!(
             error_record(4, &unknown.context("x")),
             r#"{"error":"x: item 7 is not in the catalog","line":4}"#

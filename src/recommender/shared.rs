@@ -163,9 +163,10 @@ impl Shared {
         ids.iter()
             .copied()
             .filter(|&id| {
-                self.catalog.position(id).is_some_and(|i| {
-                    !(0..self.modalities().len()).any(|m| self.items.has(i, m))
-                }) && seen.insert(id)
+                self.catalog
+                    .position(id)
+                    .is_some_and(|i| !(0..self.modalities().len()).any(|m| self.items.has(i, m)))
+                    && seen.insert(id)
             })
             .collect()
     }

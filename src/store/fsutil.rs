@@ -503,9 +503,9 @@ pub fn write_owned(
             _ => ensure_folder(&dir, path)?,
         }
         let replaced = match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() => Replaced::Link(
-                std::fs::read_link(path).unwrap_or_else(|_| PathBuf::from("?")),
-            ),
+            Ok(m) if m.file_type().is_symlink() => {
+                Replaced::Link(std::fs::read_link(path).unwrap_or_else(|_| PathBuf::from("?")))
+            }
             Ok(m) if m.is_dir() => bail!("{} is a directory, not a file", path.display()),
             Ok(m) if !m.is_file() => bail!(
                 "{} is not a regular file (a device, FIFO or socket is not replaced)",
