@@ -140,7 +140,7 @@ fn writes_never_follow_symlinks_out_of_the_bundle() {
         "--bundle",
         &s(&bundle),
         "--id",
-        &history().split(',').next().unwrap().trim().to_string(),
+        history().split(',').next().unwrap().trim(),
     ]);
     ok(&out);
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);

@@ -735,4 +735,70 @@ mod tests {
         assert!(err.to_string().contains("is not a folder"), "{err}");
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "mine");
     }
+
+    #[cfg(unix)]
+    #[test]
+    fn owned_writes_never_follow_links() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let owned = dir.path().join("bundle");
+        std::fs::create_dir(&owned).unwrap();
+        // A link at the file's name: replaced, its target untouched, and said.
+        let link = owned.join("cache.bin");
+        symlink(&victim, &link).unwrap();
+        let r = write_owned(&link, |w| Ok(w.write_all(b"cache")?)).unwrap();
+        assert_eq!(r, Replaced::Link(victim.clone()));
+        assert!(r.note(&link).unwrap().contains("symbolic link"));
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(
+            write_owned(&link, |w| Ok(w.write_all(b"again")?)).unwrap(),
+            Replaced::File
+        );
+        // A folder that is a link: refused, nothing written where it points.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let cache = owned.join("cache");
+        symlink(&elsewhere, &cache).unwrap();
+        let e = owned_dir(&cache).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        let e = write_owned(&cache.join("x"), |w| Ok(w.write_all(b"x")?)).unwrap_err();
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        owned_dir(&owned.join("real")).unwrap();
+        owned_dir(&owned.join("real")).unwrap();
+        // A lock file that is a link is refused; a held lock answers None without waiting.
+        let lock_link = owned.join("lock");
+        symlink(&victim, &lock_link).unwrap();
+        assert!(lock_path(&lock_link, false).is_err());
+        let lock = owned.join("real.lock");
+        let held = lock_path(&lock, false).unwrap();
+        assert!(held.is_some());
+        assert!(lock_path(&lock, false).unwrap().is_none());
+        drop(held);
+        assert!(lock_path(&lock, true).unwrap().is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_output_that_is_an_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::write(&input, "data").unwrap();
+        let hard = dir.path().join("hard");
+        std::fs::hard_link(&input, &hard).unwrap();
+        let soft = dir.path().join("soft");
+        std::os::unix::fs::symlink(&input, &soft).unwrap();
+        for out in [&input, &hard, &soft] {
+            let e = refuse_input_as_output(out, "--output", &[&input]).unwrap_err();
+            assert!(e.to_string().contains("is the input"), "{e}");
+        }
+        let e = refuse_input_as_output(&hard, "--output", &[&input]).unwrap_err();
+        assert!(e.to_string().contains("hard link"), "{e}");
+        refuse_input_as_output(&dir.path().join("new"), "--output", &[&input]).unwrap();
+        std::fs::write(dir.path().join("other"), "data").unwrap();
+        refuse_input_as_output(&dir.path().join("other"), "--output", &[&input]).unwrap();
+    }
 }
