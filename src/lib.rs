@@ -3,22 +3,32 @@
 //!
 //! # Layout
 //!
-//! Layers, each using only those listed before it:
+//! Layers, each using only those listed before it (`docs/architecture.md` has the table and the
+//! path of one request through them):
 //!
 //! - [`store`]: files without a model: feature banks, the catalog, `.npy` and JSON-lines readers,
-//!   verified-file stamps, atomic writes;
-//! - [`engine`]: llama.cpp (the only FFI to llama.cpp and ggml): backend, GGUF, model, context,
-//!   batching, saved states, quantization, CPU variants, OpenBLAS, illmrec's AVX-512 kernels;
-//! - [`images`]: item images to feature rows (decoding, resizing, the MobileNet embedding);
-//! - [`method`]: I-LLMRec outside the LLM: prompt, heads, item vectors, ranking, evaluation;
+//!   the resumable batch output, verified-file stamps, atomic writes;
+//! - [`engine`]: llama.cpp and ggml, the only FFI to them: backend, GGUF, model, context,
+//!   batches, saved session states, quantization, CPU variants, OpenBLAS, illmrec's AVX-512
+//!   kernels (`engine/kernels.cpp`); it uses [`store::fsutil`] only;
+//! - [`images`]: item images to feature rows (decoding, the TFLite reader, MobileNet and its
+//!   integer kernels);
+//! - [`method`]: I-LLMRec outside the LLM: prompt (strings in `src/prompt.json`, shared with the
+//!   Python tools), heads, item vectors and their scan, ranking, evaluation;
 //! - [`bundle`]: the deployment folder: manifest, verification, creation, item edits;
 //! - [`recommender`]: everything together: a bundle's model, heads and catalog answering
 //!   requests, and batch scoring;
-//! - [`bench`] (feature `bench`) and [`fuzz`] (feature `fuzz`): measuring and fuzzing tools.
+//! - `bench` (feature `bench`) and `fuzz` (feature `fuzz`): measuring and fuzzing tools.
 //!
-//! The front ends are not in the library: `src/main.rs` with `src/cli/` (one file per command)
-//! and `src/server/` (the kiosk's HTTP service) make the `illmrec` binary; `tools/python` holds
-//! the Python bindings. The library never prints: errors and warnings go up to them.
+//! The front ends are not in the library: `src/main.rs` with `src/cli/` (one file per command,
+//! `cli/messages.rs` for what is printed) and `src/server/` (the kiosk's HTTP service, a file per
+//! route family under `server/routes/`) make the `illmrec` binary (feature `cli`); `tools/python`
+//! holds the Python bindings, which use the library without default features. The library never
+//! prints or exits: errors, and warnings as data, go up to them.
+//!
+//! `unsafe` is denied in the crate and allowed only in [`engine`] (the FFI, dlopen, CPUID),
+//! [`store::fsutil`] (memory maps, `flock`, `kill`, `renameat2`), [`method::dot16`] and
+//! `images/kernels.rs` (SIMD kernels) and `bench/synthetic.rs` (a SIMD memory read).
 
 #![deny(unsafe_code)]
 

@@ -93,10 +93,25 @@ fn backend_states_match_ggml_and_do_not_depend_on_threads() {
     let (ours2, dim) = embed(dir.path(), &input, "2", None);
     let (ours1, _) = embed(dir.path(), &input, "1", None);
     let (ggml, _) = embed(dir.path(), &input, "2", Some("ggml"));
-    assert_eq!(ours1, ours2, "hidden states differ between 1 and 2 threads");
     if illmrec::engine::kernels::install() == State::On {
+        // illmrec's kernels give each 4-row group of a head to one thread: byte-identical
+        assert_eq!(ours1, ours2, "hidden states differ between 1 and 2 threads");
         // the variable reached the child and ggml's kernels ran instead
         assert_ne!(ours2, ggml, "ILLMREC_KERNELS=ggml changed nothing");
+    } else {
+        // ggml's own kernels split work by thread count: equal to float rounding only
+        for (k, (a, b)) in ours1.chunks(dim).zip(ours2.chunks(dim)).enumerate() {
+            let (diff, max) = (max_abs_diff(a, b), max_abs(b));
+            assert!(
+                diff / max < 3e-3,
+                "history {k}: 1 vs 2 threads, max abs diff {diff} of {max}"
+            );
+            assert!(
+                cosine(a, b) > 0.99999,
+                "history {k}: 1 vs 2 threads, cosine {}",
+                cosine(a, b)
+            );
+        }
     }
     for (k, (a, b)) in ours2.chunks(dim).zip(ggml.chunks(dim)).enumerate() {
         let (diff, max) = (max_abs_diff(a, b), max_abs(b));

@@ -3,7 +3,7 @@
 # libclang-dev (bindgen, for llama-cpp-sys-2's bindings: it loads libclang.so and needs clang's
 # builtin headers, which libclang-dev pulls in), a C/C++ toolchain, pkg-config and OpenBLAS (the
 # default build's matrix products: libopenblas-dev for ggml's CMake to find it, libopenblas0-openmp
-# for src/blas.rs to open at run time, the build that shares ggml's OpenMP threads); for the kiosk's browser test
+# for src/engine/blas.rs to open at run time, the build that shares ggml's OpenMP threads); for the kiosk's browser test
 # (tools/tests/test_kiosk_browser.py), Debian's headless-capable chromium and chromium-driver.
 # Does nothing when all are present.
 #

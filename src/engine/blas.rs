@@ -257,57 +257,58 @@ pub fn describe() -> String {
 }
 
 /// CBLAS's `CblasColMajor` (`CblasRowMajor` is 101).
-#[cfg(any(illmrec_blas, test))]
+#[cfg(illmrec_blas)]
 const COL_MAJOR: c_int = 102;
 /// CBLAS's `CblasNoTrans` (`CblasTrans` is 112, `CblasConjTrans` 113: the same for reals).
-#[cfg(any(illmrec_blas, test))]
+#[cfg(illmrec_blas)]
 const NO_TRANS: c_int = 111;
 
-/// `C = alpha·op(A)·op(B) + beta·C` with CBLAS's conventions, by a plain loop: what
-/// [`cblas_sgemm`] computes when no OpenBLAS could be opened, so that ggml (which has no error
-/// path) still gets its product. Far slower than OpenBLAS; never used after [`ensure`] passed.
+/// One matrix of a CBLAS call: where it starts, its leading dimension, and (for A and B)
+/// whether the call uses its transpose.
+#[cfg(any(illmrec_blas, test))]
+struct Operand<P> {
+    ptr: P,
+    ld: usize,
+    trans: bool,
+}
+
+/// `C = alpha·op(A)·op(B) + beta·C` for an `m`×`k` op(A) and a `k`×`n` op(B), stored row-major
+/// or (`col_major`) column-major as CBLAS says, by a plain loop: what [`cblas_sgemm`] computes
+/// when no OpenBLAS could be opened, so that ggml (which has no error path) still gets its
+/// product. Far slower than OpenBLAS; never used after [`ensure`] passed.
 ///
 /// # Safety
-/// The pointers and leading dimensions describe matrices of the sizes CBLAS's contract says.
+/// The operands describe matrices of these sizes, as CBLAS's contract says.
 #[cfg(any(illmrec_blas, test))]
-#[allow(clippy::too_many_arguments)]
 unsafe fn sgemm_loop(
-    order: c_int,
-    trans_a: c_int,
-    trans_b: c_int,
-    m: c_int,
-    n: c_int,
-    k: c_int,
+    col_major: bool,
+    [m, n, k]: [usize; 3],
     alpha: f32,
-    a: *const f32,
-    lda: c_int,
-    b: *const f32,
-    ldb: c_int,
+    a: Operand<*const f32>,
+    b: Operand<*const f32>,
     beta: f32,
-    c: *mut f32,
-    ldc: c_int,
+    c: Operand<*mut f32>,
 ) {
-    let [m, n, k, lda, ldb, ldc] = [m, n, k, lda, ldb, ldc].map(|v| v.max(0) as usize);
-    // Element (row, col) of a matrix stored with leading dimension `ld`, in CBLAS's order.
-    let at = |row: usize, col: usize, ld: usize| match order {
-        COL_MAJOR => row + col * ld,
-        _ => row * ld + col,
+    // Element (row, col) of a matrix stored with leading dimension `ld`.
+    let at = |row: usize, col: usize, ld: usize| match col_major {
+        true => row + col * ld,
+        false => row * ld + col,
     };
     for i in 0..m {
         for j in 0..n {
             let mut sum = 0f32;
             for p in 0..k {
-                let x = match trans_a {
-                    NO_TRANS => *a.add(at(i, p, lda)),
-                    _ => *a.add(at(p, i, lda)),
+                let x = match a.trans {
+                    false => *a.ptr.add(at(i, p, a.ld)),
+                    true => *a.ptr.add(at(p, i, a.ld)),
                 };
-                let y = match trans_b {
-                    NO_TRANS => *b.add(at(p, j, ldb)),
-                    _ => *b.add(at(j, p, ldb)),
+                let y = match b.trans {
+                    false => *b.ptr.add(at(p, j, b.ld)),
+                    true => *b.ptr.add(at(j, p, b.ld)),
                 };
                 sum += x * y;
             }
-            let out = c.add(at(i, j, ldc));
+            let out = c.ptr.add(at(i, j, c.ld));
             // As in BLAS, C is not read when beta is zero (it may hold anything).
             *out = match beta == 0.0 {
                 true => alpha * sum,
@@ -410,8 +411,24 @@ pub unsafe extern "C" fn cblas_sgemm(
 ) {
     let Ok(lib) = load() else {
         // Only reachable when a caller ignored `ensure`'s error; ggml has no error path.
+        let dim = |v: c_int| v.max(0) as usize;
+        let operand = |ptr, ld, trans| Operand {
+            ptr,
+            ld: dim(ld),
+            trans: trans != NO_TRANS,
+        };
         return sgemm_loop(
-            order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+            order == COL_MAJOR,
+            [m, n, k].map(dim),
+            alpha,
+            operand(a, lda, trans_a),
+            operand(b, ldb, trans_b),
+            beta,
+            Operand {
+                ptr: c,
+                ld: dim(ldc),
+                trans: false,
+            },
         );
     };
     let wanted = WANTED_THREADS.with(|w| w.get());
@@ -522,53 +539,48 @@ mod tests {
 
     #[test]
     fn the_fallback_product_follows_cblas_conventions() {
-        const ROW_MAJOR: c_int = 101;
-        const TRANS: c_int = 112;
-        // A (2×3) · B (3×2), row-major without transposes.
+        // A (2×3) · B (3×2) = [[58, 64], [139, 154]].
         let a = [1f32, 2., 3., 4., 5., 6.];
         let b = [7f32, 8., 9., 10., 11., 12.];
+        // Their transposes' row-major storage, which is also their column-major storage.
+        let a_t = [1f32, 4., 2., 5., 3., 6.];
+        let b_t = [7f32, 9., 11., 8., 10., 12.];
         let want = [58f32, 64., 139., 154.];
-        let run = |order, ta, tb, a: &[f32], lda, b: &[f32], ldb, c: &mut [f32], ldc, beta| {
+        let run = |col_major,
+                   (a, lda, ta): (&[f32], usize, bool),
+                   (b, ldb, tb): (&[f32], usize, bool),
+                   c: &mut [f32],
+                   beta| {
+            let op = |ptr, ld, trans| Operand { ptr, ld, trans };
             // SAFETY: the slices have the sizes the dimensions describe.
             unsafe {
                 sgemm_loop(
-                    order,
-                    ta,
-                    tb,
-                    2,
-                    2,
-                    3,
+                    col_major,
+                    [2, 2, 3],
                     1.0,
-                    a.as_ptr(),
-                    lda,
-                    b.as_ptr(),
-                    ldb,
+                    op(a.as_ptr(), lda, ta),
+                    op(b.as_ptr(), ldb, tb),
                     beta,
-                    c.as_mut_ptr(),
-                    ldc,
+                    Operand {
+                        ptr: c.as_mut_ptr(),
+                        ld: 2,
+                        trans: false,
+                    },
                 )
             }
         };
         let mut c = [f32::NAN; 4];
-        run(ROW_MAJOR, NO_TRANS, NO_TRANS, &a, 3, &b, 2, &mut c, 2, 0.0);
+        run(false, (&a, 3, false), (&b, 2, false), &mut c, 0.0);
         assert_eq!(c, want, "beta 0 ignores what C held");
-        // The transposes of A and B, stored row-major, with the transpose flags.
-        let at = [1f32, 4., 2., 5., 3., 6.];
-        let bt = [7f32, 9., 11., 8., 10., 12.];
         let mut c = [0f32; 4];
-        run(ROW_MAJOR, TRANS, TRANS, &at, 2, &bt, 3, &mut c, 2, 0.0);
-        assert_eq!(c, want);
-        // Column-major: A's column-major storage is its transpose's row-major one; C comes out
-        // column-major.
+        run(false, (&a_t, 2, true), (&b_t, 3, true), &mut c, 0.0);
+        assert_eq!(c, want, "transposed operands");
         let mut c = [0f32; 4];
-        run(
-            COL_MAJOR, NO_TRANS, NO_TRANS, &at, 2, &bt, 3, &mut c, 2, 0.0,
-        );
-        assert_eq!(c, [58., 139., 64., 154.]);
-        // beta accumulates.
+        run(true, (&a_t, 2, false), (&b_t, 3, false), &mut c, 0.0);
+        assert_eq!(c, [58., 139., 64., 154.], "column-major in and out");
         let mut c = [1f32; 4];
-        run(ROW_MAJOR, NO_TRANS, NO_TRANS, &a, 3, &b, 2, &mut c, 2, 2.0);
-        assert_eq!(c, want.map(|x| x + 2.0));
+        run(false, (&a, 3, false), (&b, 2, false), &mut c, 2.0);
+        assert_eq!(c, want.map(|x| x + 2.0), "beta accumulates");
     }
 
     #[test]

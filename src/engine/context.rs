@@ -29,7 +29,7 @@ pub struct ContextOptions {
     /// multiplies every query by every KV cell llama.cpp attends over and masks afterwards), or
     /// `None` (llama.cpp decides). On the CPU both paths give the same result at any thread
     /// count: ggml computes each query row whole on one thread, except for a one-position batch
-    /// over 512 or more cells, which [`batch_spans`] never sends.
+    /// over 512 or more cells, which [`super::batch_spans`] never sends.
     pub flash_attn: Option<bool>,
     /// Largest number of positions decoded in one call.
     pub n_batch: u32,
@@ -260,6 +260,18 @@ impl Context {
             .take_while(|(p, i)| matches!(i, Input::Token(t) if t == *p))
             .count();
         n.min(inputs.len() - 1)
+    }
+
+    /// Fails when a prompt of `len` positions, needing `needed` KV cells beside the cached
+    /// prefix's, does not fit the context.
+    pub(super) fn check_fits(&self, needed: usize, len: usize) -> Result<()> {
+        ensure!(
+            needed <= self.n_ctx,
+            "prompt of {len} positions does not fit the context ({} positions, {} held by the cached prefix); raise --ctx",
+            self.n_ctx,
+            self.prefix.len()
+        );
+        Ok(())
     }
 
     pub(super) fn check_input(&self, input: &Input) -> Result<()> {

@@ -18,15 +18,8 @@ impl Context {
             self.check_input(input)?;
         }
         let shared = self.shared_prefix_len(inputs);
-        let needed = self.prefix.len() + inputs.len() - if reuse_prefix { shared } else { 0 };
-        ensure!(
-            needed <= self.n_ctx,
-            "prompt of {} positions does not fit the context ({} positions, {} held by the cached prefix); raise --ctx",
-            inputs.len(),
-            self.n_ctx,
-            self.prefix.len()
-        );
         let copied = if reuse_prefix { shared } else { 0 };
+        self.check_fits(self.prefix.len() + inputs.len() - copied, inputs.len())?;
         let hidden = self.on_sequences(&[WORK_SEQ], &[(WORK_SEQ, copied)], |c| {
             if !reuse_prefix {
                 c.decode(&inputs[..shared], WORK_SEQ, 0, false)?;
@@ -120,7 +113,7 @@ impl Context {
     /// no recomputation), and all requests' remaining positions share llama.cpp batches of up to
     /// n_batch positions; the last position of each is an output. Returns one hidden state per
     /// request, in order. Up to [`MAX_BRANCHES`] requests whose positions fit the context
-    /// together (see [`group_prompts`]).
+    /// together (see [`super::group_prompts`]).
     ///
     /// Each state equals its request's [`Context::last_hidden`] within llama.cpp's batch-shape
     /// noise (the positions are summed in other batch shapes), not bit for bit.

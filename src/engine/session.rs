@@ -95,13 +95,7 @@ impl Context {
         let common = saved.map_or(0, |s| s.common_len(inputs).min(inputs.len() - 1));
         let restore = saved.filter(|_| common > prefix);
         let needed = self.prefix.len() + inputs.len();
-        ensure!(
-            needed <= self.n_ctx,
-            "prompt of {} positions does not fit the context ({} positions, {} held by the cached prefix); raise --ctx",
-            inputs.len(),
-            self.n_ctx,
-            self.prefix.len()
-        );
+        self.check_fits(needed, inputs.len())?;
         let mem = self.memory();
         let ctx = self.raw.as_ptr();
         let (hidden, kv, decoded) = self.on_sequences(&[WORK_SEQ], &[], |c| {

@@ -3,7 +3,7 @@
 //! into the binary): reading its weights out of the `.tflite` flatbuffer and running its
 //! uint8-quantized graph with the integer arithmetic of XNNPACK, the kernels `ai-edge-litert`
 //! runs on x86 (so that the embedding is the Python side's, not an approximation of it). The file
-//! is read by [`super::tflite`]; the kernels are in [`super::kernels`].
+//! is read by `images/tflite.rs`; the kernels are in `images/kernels.rs`.
 //!
 //! The graph is a chain of `CONV_2D`, `DEPTHWISE_CONV_2D` and one `AVERAGE_POOL_2D`, every tensor
 //! per-tensor quantized. Each layer's accumulator is the exact integer

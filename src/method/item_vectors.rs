@@ -6,7 +6,7 @@
 //! and config bytes), each bank's whole-file sha256, the catalog's ids, and this format's
 //! version; a change to any of them is a different file (an older version's file is never read).
 //!
-//! Cache layout (little-endian): header (bincode fixed-int, [`CacheHeader`]) padded to 128
+//! Cache layout (little-endian): header (bincode fixed-int, `CacheHeader`) padded to 128
 //! bytes; `count` u64 item ids (catalog order = ascending id); `count` presence bytes (bit `m`:
 //! the item has modality slot `m`), padded to 64; then one f16 row per item: the concatenation
 //! of its projected vectors over the modality slots (`n_modalities × proj_dim` values; an absent

@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// A user's representation: one vector per scoring modality, plus what went into the prompt.
 #[derive(Clone, Debug)]
 pub struct UserVector {
-    /// `f_u_m(h)` per modality, in [`Recommender::modalities`] order.
+    /// `f_u_m(h)` per modality, in [`Shared::modalities`] order.
     pub vectors: Vec<Vec<f32>>,
     /// The LLM's final hidden state at `[REC]`.
     pub hidden: Vec<f32>,

@@ -90,7 +90,7 @@ def test_the_kiosk_browser_test_gets_chromium_and_its_driver(tmp_path):
 @needs_dpkg
 def test_openblas_for_the_default_build(tmp_path):
     """The default build finds OpenBLAS with pkg-config at build time and opens the OpenMP build
-    at run time (src/blas.rs); the pthread runtime alone is not enough."""
+    at run time (src/engine/blas.rs); the pthread runtime alone is not enough."""
     none = fake_root(tmp_path / "a", ["cmake", "libclang-dev", "build-essential"], [])
     assert detect(none) == BLAS
     pthread_only = fake_root(tmp_path / "b", ["cmake", "libclang-dev", "build-essential", "pkgconf",

@@ -16,7 +16,7 @@ from illmrec_tools.prepare import prepare
 # max rel 1.4e-3, median 4.7e-4, Spearman >= 0.99998. What remained was llama.cpp's f16 GELU table
 # and summation order. The runtime's defaults (flash attention on, f16 KV cache; K and V are f16 in
 # the flash-attention graph whatever the cache) are held to the same bound. Where illmrec's AVX-512
-# kernels run (`illmrec info`: src/kernels.cpp computes GEGLU's GELU exactly, attention in f32),
+# kernels run (`illmrec info`: src/engine/kernels.cpp computes GEGLU's GELU exactly, attention in f32),
 # the 3 histories here measured rel 1.4-2.1e-4 with those flags and 3.2-5.3e-4 with the defaults
 # (ggml's kernels: 3.4-9.0e-4 and 0.8-1.2e-3), so the bound is 1e-3 there.
 EXACT_FLAGS = ("--flash-attn", "off", "--kv-f32")
