@@ -177,23 +177,36 @@ fn score_skips_and_counts_malformed_lines() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("users.jsonl:2: skipped"), "{stderr}");
+    assert!(stderr.contains("users.jsonl:2: malformed line"), "{stderr}");
     assert!(
-        stderr.contains("users.jsonl:4: skipped") && stderr.contains("history is empty"),
+        stderr.contains("users.jsonl:4: invalid line") && stderr.contains("history is empty"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("users.jsonl:5: skipped") && stderr.contains("not in the catalog"),
+        stderr.contains("users.jsonl:5: with an unknown item line")
+            && stderr.contains("not in the catalog"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("scored 3 users, skipped 3 malformed lines"),
+        stderr.contains(
+            "scored 3 users; 3 lines could not be scored (1 malformed, 1 with an unknown item, 1 invalid)"
+        ),
         "{stderr}"
     );
-    let ranked: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&output)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Every line has its record; a bad one `{"line", "error"}` as POST /v1/score writes it.
+    assert_eq!(records.len(), 6);
+    for (i, n) in [(1, 2), (3, 4), (4, 5)] {
+        assert_eq!(records[i]["line"], n, "{}", records[i]);
+        assert!(records[i]["error"].is_string());
+    }
+    let ranked: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r.get("error").is_none())
         .collect();
     assert_eq!(ranked.len(), 3);
     assert_eq!(ranked[0]["user"], "u1");

@@ -428,11 +428,14 @@ fn score_skips_a_non_utf8_line_with_its_number() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("users.jsonl:2: skipped") && stderr.contains("UTF-8"),
+        stderr.contains("users.jsonl:2: malformed line") && stderr.contains("UTF-8"),
         "{stderr}"
     );
-    assert!(stderr.contains("scored 2 users, skipped 1"), "{stderr}");
-    assert_eq!(std::fs::read_to_string(&output).unwrap().lines().count(), 2);
+    assert!(
+        stderr.contains("scored 2 users; 1 lines could not be scored (1 malformed)"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&output).unwrap().lines().count(), 3);
 }
 
 #[cfg(unix)]

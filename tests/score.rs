@@ -16,7 +16,8 @@ fn setup() -> &'static (PathBuf, PathBuf, Vec<u64>) {
     S.get_or_init(|| common::fresh_bundle("score-test"))
 }
 
-/// `n` user lines over the test bundle; line 5 (if any) has an unknown id and is skipped.
+/// `n` user lines over the test bundle; line 5 (if any) has an unknown id: its record is
+/// `{"line": 5, "error": ...}`.
 fn users(dir: &Path, n: usize) -> PathBuf {
     let ids = &setup().2;
     let lines: String = (0..n)
@@ -74,7 +75,7 @@ fn score_killed_then_resumed_equals_the_uninterrupted_run() {
     let whole = dir.join("whole.jsonl");
     let span = common::run_timed(&score_args(&input, &whole, &[])).mul_f64(1.1);
     let complete = std::fs::read(&whole).unwrap();
-    assert_eq!(complete.iter().filter(|&&b| b == b'\n').count(), 15);
+    assert_eq!(complete.iter().filter(|&&b| b == b'\n').count(), 16);
     let output = dir.join("killed.jsonl");
     std::fs::write(&output, "previous results\n").unwrap();
     let mut before = 0;
@@ -142,8 +143,8 @@ fn shards_together_are_the_unsharded_run() {
     let whole = dir.join("whole.jsonl");
     common::run_timed(&score_args(&input, &whole, &[]));
     let whole = std::fs::read_to_string(&whole).unwrap();
-    // Input line n is output line n except after line 5 (skipped).
-    let by_line: Vec<(usize, &str)> = (1..=11).filter(|&n| n != 5).zip(whole.lines()).collect();
+    // Input line n is output line n (line 5's is an error record).
+    let by_line: Vec<(usize, &str)> = (1..=11).zip(whole.lines()).collect();
     let mut union: Vec<String> = Vec::new();
     for i in 0..3 {
         let out = dir.join(format!("shard-{i}.jsonl"));
@@ -206,12 +207,20 @@ fn users_decoded_together_get_the_records_of_one_at_a_time() {
     let o = common::illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains(":5: skipped"), "{stderr}");
-    assert!(stderr.contains("scored 10 users, skipped 1"), "{stderr}");
+    assert!(stderr.contains(":5: with an unknown item line"), "{stderr}");
+    assert!(
+        stderr.contains("scored 10 users; 1 lines could not be scored (1 with an unknown item)"),
+        "{stderr}"
+    );
     let (a, b) = (read(&one), read(&four));
-    assert_eq!(a.len(), 10);
+    assert_eq!(a.len(), 11);
     assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
+    assert_eq!(
+        a[4],
+        serde_json::json!({"line": 5, "error": "item 999999999 is not in the catalog"})
+    );
+    assert_eq!(a[4], b[4]);
+    for (x, y) in a.iter().zip(&b).filter(|(x, _)| x.get("error").is_none()) {
         assert_eq!(x["user"], y["user"], "records stay in line order");
         assert_eq!(x["history_used"], y["history_used"]);
         let items = |r: &serde_json::Value| -> Vec<(u64, f64)> {

@@ -1,7 +1,7 @@
 //! Writing bundles: [`create`] assembles a new bundle beside the old folder and switches it in
 //! one step; [`update`] changes some files of an existing bundle the same way (item edits).
 
-use super::{Bundle, FileEntry, Manifest, ModelRef, MANIFEST};
+use super::{Bundle, BundleLock, FileEntry, Manifest, ModelRef, MANIFEST};
 use crate::engine::GgufInfo;
 use crate::store::bank::{Bank, Modality};
 use crate::store::fsutil::{hex, replace_dir, sha256_file};
@@ -27,7 +27,8 @@ pub struct BundleSpec<'a> {
 /// the old one in one step (see [`replace_dir`]), so a crash or kill at any point leaves either
 /// the old bundle, usable, or the new one, complete. Files of the old folder that are not the
 /// old bundle's (a licence, a model the bundle points to, the item-vector cache) are carried
-/// over; a folder that is not a bundle is only replaced when it holds no sub-folder.
+/// over; a folder that is not a bundle is only replaced when it holds no sub-folder. An existing
+/// folder's bundle lock is held throughout (see [`super::LOCK`]).
 pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
     // Write through a symlinked bundle folder to its target.
     let dir = match std::fs::symlink_metadata(dir) {
@@ -43,6 +44,11 @@ pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
             dir.display()
         );
     }
+    // Another writer of the same folder (an item edit, a second create) waits for this one.
+    let _lock = match dir.is_dir() {
+        true => Some(super::lock(&dir)?),
+        false => None,
+    };
     let info = GgufInfo::read(spec.model)?;
     // The small inputs are read and checked before anything is written; banks are copied into
     // the new folder and checked there (so what is checked is what is shipped).
@@ -170,11 +176,15 @@ pub fn create(dir: &Path, spec: &BundleSpec<'_>) -> Result<Manifest> {
 /// switched in place of the old one in one step, so a kill at any point leaves the old bundle,
 /// usable, or the new one, complete. `changed` names manifest files and their new bytes; the
 /// manifest's entries for them are updated, the model reference is kept as it is.
+///
+/// `lock` is the bundle's lock ([`super::lock`]), taken by the caller before it read what it
+/// changes, so that two writers never both start from the same old bundle.
 pub fn update(
-    dir: &Path,
+    lock: &BundleLock,
     changed: &[(String, Vec<u8>)],
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<Manifest> {
+    let dir = lock.dir();
     let old = Bundle::open(dir)?;
     for (name, _) in changed {
         old.manifest.entry(name)?;
@@ -200,6 +210,11 @@ pub fn update(
             let name = e.file_name().to_string_lossy().into_owned();
             if name == MANIFEST || name.contains(".tmp-") || changed.iter().any(|(n, _)| *n == name)
             {
+                continue;
+            }
+            // The cache is the runtime's own folder: a link there is not carried (the new bundle
+            // gets a real `cache/`, and nothing is written where the link pointed).
+            if name == "cache" && crate::store::fsutil::is_symlink(&e.path()) {
                 continue;
             }
             carry(&e.path(), &tmp.join(&name))?;

@@ -64,6 +64,9 @@ pub struct EditReport {
     pub lacks: Vec<(Modality, String)>,
     /// The item-vector cache written for the new bundle.
     pub cache: PathBuf,
+    /// What did not stop the edit but should be said (a damaged cache rebuilt, a symbolic
+    /// link in the cache folder replaced).
+    pub warnings: Vec<String>,
 }
 
 /// Why an item has no row in a modality when the runtime adds it.
@@ -75,8 +78,11 @@ fn missing_reason(m: Modality) -> &'static str {
     }
 }
 
-/// Applies one edit to the bundle in `dir`.
+/// Applies one edit to the bundle in `dir`, holding the bundle's lock ([`crate::bundle::lock`])
+/// from reading it to switching the new one in: concurrent edits (command line or kiosk) queue,
+/// and each lands.
 pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
+    let lock = crate::bundle::lock(dir)?;
     let bundle = Bundle::open(dir)?;
     let m = &bundle.manifest;
     let heads_bytes = bundle.read_verified(&m.heads)?;
@@ -243,6 +249,16 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
         &digests,
         &catalog,
     )?;
+    let cache_link = bundle.dir.join("cache");
+    let mut warnings = Vec::new();
+    if !crate::store::fsutil::is_symlink(&cache_link) {
+        warnings.extend(old_vectors.warnings.iter().cloned());
+    } else {
+        warnings.push(format!(
+            "{} is a symbolic link: the edited bundle gets a cache folder of its own (the link's target was not written)",
+            cache_link.display()
+        ));
+    }
     let changed_ids: HashSet<u64> = [id].into_iter().collect();
     let mut cache_name = PathBuf::new();
     let catalog_len = new_catalog.len();
@@ -250,7 +266,7 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
         .path
         .as_ref()
         .and_then(|p| p.file_name().map(|n| n.to_owned()));
-    crate::bundle::update(dir, &changed_files, |tmp| {
+    crate::bundle::update(&lock, &changed_files, |tmp| {
         let mut new_banks = BTreeMap::new();
         let mut new_digests = BTreeMap::new();
         for (modality, file) in &m.banks {
@@ -297,6 +313,7 @@ pub fn edit(dir: &Path, edit: &Edit) -> Result<EditReport> {
         has,
         lacks,
         cache: bundle.dir.join("cache").join(cache_name),
+        warnings,
     })
 }
 

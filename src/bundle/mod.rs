@@ -28,6 +28,40 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = "manifest.json";
+/// The lock file inside a bundle folder: every writer of the bundle ([`create`] into an existing
+/// folder, [`update`], the item edits of [`edit`], on the command line or in the kiosk) holds its
+/// exclusive lock from reading the bundle to switching the new one in, so concurrent edits
+/// queue and none is lost. Readers take no lock: they see the old bundle or the new one.
+pub const LOCK: &str = ".illmrec.lock";
+
+/// A held bundle lock (see [`LOCK`]); released when dropped.
+pub struct BundleLock {
+    _file: std::fs::File,
+    dir: PathBuf,
+}
+
+impl BundleLock {
+    /// The bundle folder this lock is for.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Takes the exclusive lock of the bundle folder `dir`, waiting while another writer holds it.
+/// The lock file is kept in the folder (and carried into each new version of it, as a hard link
+/// to the same file, so a writer waiting on the old folder's lock and one arriving after the
+/// switch wait on the same lock).
+pub fn lock(dir: &Path) -> Result<BundleLock> {
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("{} is not a bundle: it does not exist", dir.display()))?;
+    ensure!(meta.is_dir(), "{} is not a folder", dir.display());
+    let file = crate::store::fsutil::lock_path(&dir.join(LOCK), true)?
+        .expect("a waiting lock is always taken");
+    Ok(BundleLock {
+        _file: file,
+        dir: dir.to_path_buf(),
+    })
+}
 /// File name of the default model inside `models/`: Gemma 3 270M, the Q4_K_M release dequantized to
 /// f32 by `illmrec quantize` (`models/fetch-default-model.sh` makes it). On CPUs it is as fast as
 /// Q4_K_M for this small model and, unlike Q4_K_M, its scores do not move with the batch split.

@@ -64,6 +64,10 @@ pub fn run(cmd: BankCommand) -> Result<()> {
 }
 
 fn build(a: BuildArgs) -> Result<()> {
+    let inputs: Vec<&Path> = (a.npy.iter().chain(&a.ids).chain(&a.images).chain(&a.map))
+        .map(PathBuf::as_path)
+        .collect();
+    illmrec::store::fsutil::refuse_input_as_output(&a.out, "--out", &inputs)?;
     if !a.images.is_empty() {
         return build_from_images(a);
     }

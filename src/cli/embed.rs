@@ -6,10 +6,16 @@
 //! the states of its prefixes (1, 2, …, n items), decoding the shared items once. The run is
 //! resumable: rows go to `OUT.partial` and are synced every few seconds; re-running the same
 //! command continues after the last whole line.
+//!
+//! A line that cannot be embedded (malformed, an unknown item, ...) follows `score`'s policy:
+//! it is reported on stderr with its number and kind and the run goes on, its row (its rows,
+//! with `--prefixes`; none for a line that is not JSON) all NaN so that row k still belongs to
+//! line k; `--max-errors N` stops the run with a non-zero exit past N such lines.
 
-use super::UsersFileArgs;
+use super::{messages, UsersFileArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use illmrec::recommender::batch::{BadLines, LineErrorKind};
 use illmrec::store::jsonl::{self, HistoryLine};
 use illmrec::store::npy::RowWriter;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,23 +54,34 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         true => 1,
         false => a.users.batch.per_call()?,
     };
-    // First pass: every line parses, and how many rows each gives.
+    let user_out = user_path(&a.output);
+    for out in [&a.output, &user_out] {
+        illmrec::store::fsutil::refuse_input_as_output(out, "--output", &[&a.users.input])?;
+    }
+    // First pass: how many rows each line gives (a line that does not parse: one NaN row, none
+    // with --prefixes, since its length is unknown).
     let mut per_line = Vec::new();
+    let mut parsed_lines = 0usize;
     for line in jsonl::open(&a.users.input)? {
         let line = line.with_context(|| format!("cannot read {}", a.users.input.display()))?;
-        let h: HistoryLine = line.parse().with_context(|| {
-            format!(
-                "{}:{}: not a valid history line (needs \"history\": [ids])",
-                a.users.input.display(),
-                line.number
-            )
-        })?;
-        per_line.push(if a.prefixes { h.history.len() } else { 1 });
+        let rows = match line.parse::<HistoryLine>() {
+            Ok(h) => {
+                parsed_lines += 1;
+                if a.prefixes {
+                    h.history.len()
+                } else {
+                    1
+                }
+            }
+            Err(_) => (!a.prefixes) as usize,
+        };
+        per_line.push(rows);
     }
     let n: usize = per_line.iter().sum();
-    if n == 0 {
-        bail!("{} has no history lines", a.users.input.display());
+    if n == 0 || parsed_lines == 0 {
+        bail!("{} has no valid history lines", a.users.input.display());
     }
+    let mut bad = BadLines::new(a.users.max_errors);
     let mut rec = a.users.bundle.open()?;
     let n_embd = rec.model().n_embd();
     let user_cols = rec.modalities().len() * rec.heads.config.proj_dim;
@@ -133,8 +150,11 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         let mut encoded = encoded.into_iter();
         for (line, h) in group.iter().zip(parsed) {
             let user = encoded.next();
+            let ordinal = lines_done;
+            lines_done += 1;
+            let malformed = h.is_err();
             let result = (|| -> Result<usize> {
-                let h = h?;
+                let h = h.context("not a valid history line (needs \"history\": [ids])")?;
                 if a.prefixes {
                     let states = rec.encode_prefixes(&h.history)?;
                     for state in &states {
@@ -156,16 +176,40 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             match result {
                 Ok(rows) => bar.inc(rows as u64),
                 Err(e) => {
-                    bar.abandon();
-                    hidden.sync()?;
-                    if let Some(w) = user_writer.as_mut() {
-                        w.sync()?;
+                    let kind = match malformed {
+                        true => LineErrorKind::Malformed,
+                        false => LineErrorKind::of(&e),
+                    };
+                    let rows = per_line[ordinal];
+                    bar.suspend(|| {
+                        messages::warning(format_args!(
+                            "{}:{}: {} line: {} (its {rows} row{} NaN)",
+                            a.users.input.display(),
+                            line.number,
+                            kind.describe(),
+                            format!("{e:#}").replace('\n', " "),
+                            if rows == 1 { " is" } else { "s are" }
+                        ))
+                    });
+                    for _ in 0..rows {
+                        hidden.push(&vec![f32::NAN; n_embd])?;
+                        if let Some(w) = user_writer.as_mut() {
+                            w.push(&vec![f32::NAN; user_cols])?;
+                        }
                     }
-                    return Err(e.context(format!(
-                        "{}:{} (the lines before it are kept; fix it and re-run to continue)",
-                        a.users.input.display(),
-                        line.number
-                    )));
+                    bar.inc(rows as u64);
+                    if let Err(stop) = bad.count(kind) {
+                        bar.abandon();
+                        hidden.sync()?;
+                        if let Some(w) = user_writer.as_mut() {
+                            w.sync()?;
+                        }
+                        return Err(stop.context(format!(
+                            "{}:{} (the rows before it are kept; fix the input and re-run to continue)",
+                            a.users.input.display(),
+                            line.number
+                        )));
+                    }
                 }
             }
         }
@@ -184,8 +228,10 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     }
     hidden.finish()?;
     eprintln!(
-        "wrote {} ({n} × {n_embd} float32 hidden states)",
-        a.output.display()
+        "wrote {} ({n} × {n_embd} float32 hidden states; {} lines could not be embedded: {})",
+        a.output.display(),
+        bad.total(),
+        bad.summary()
     );
     Ok(())
 }

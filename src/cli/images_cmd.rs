@@ -54,6 +54,19 @@ pub fn encode(images: &[PathBuf], map: Option<&Path>, threads: Option<usize>) ->
 }
 
 pub fn run(a: EncodeImagesArgs) -> Result<()> {
+    let inputs: Vec<&Path> = a
+        .images
+        .iter()
+        .chain(&a.map)
+        .map(PathBuf::as_path)
+        .collect();
+    illmrec::store::fsutil::refuse_input_as_output(&a.out, "--out", &inputs)?;
+    illmrec::store::fsutil::refuse_input_as_output(&a.ids, "--ids", &inputs)?;
+    anyhow::ensure!(
+        a.out != a.ids && !illmrec::store::fsutil::same_file(&a.out, &a.ids),
+        "--out and --ids are the same file {}: give two files",
+        a.out.display()
+    );
     let e = encode(&a.images, a.map.as_deref(), a.threads)?;
     let n = e.ids.len();
     illmrec::store::fsutil::write_atomic(&a.out, |out| {

@@ -96,6 +96,9 @@ fn new_item(a: ItemArgs) -> Result<NewItem> {
 }
 
 fn print_report(bundle: &std::path::Path, e: &Edit, r: &EditReport, seconds: f64) {
+    for w in &r.warnings {
+        super::messages::warning(w);
+    }
     let verb = match e {
         Edit::Add(_) => "added",
         Edit::Replace(_) => "replaced",

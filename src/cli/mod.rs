@@ -165,6 +165,10 @@ pub struct UsersFileArgs {
     /// JSON-lines input, one user per line (`{"history": [ids], ...}`).
     #[arg(long, value_name = "FILE")]
     pub input: PathBuf,
+    /// Stop with a non-zero exit once more than N lines could not be used (malformed, an unknown
+    /// item, invalid, failed) [default: no limit: each bad line is reported and the run goes on].
+    #[arg(long, value_name = "N")]
+    pub max_errors: Option<usize>,
 }
 
 /// Options shared by every command that runs the model.
@@ -340,6 +344,7 @@ struct InitHeadsArgs {
 }
 
 fn init_heads(a: InitHeadsArgs) -> Result<()> {
+    illmrec::store::fsutil::refuse_input_as_output(&a.out, "--out", &[&a.config])?;
     let bytes = illmrec::store::fsutil::read_regular(&a.config)?;
     let cfg = illmrec::method::heads::HeadsConfig::parse(&bytes)
         .with_context(|| format!("heads config {} is not valid", a.config.display()))?;
@@ -378,6 +383,7 @@ struct QuantizeArgs {
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
     engine::set_verbose(a.verbose);
+    illmrec::store::fsutil::refuse_input_as_output(&a.output, "the output", &[&a.input])?;
     engine::quantize(
         &a.input,
         &a.output,

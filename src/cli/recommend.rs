@@ -55,17 +55,20 @@ pub fn run(a: RecommendArgs) -> Result<()> {
     } else {
         history.iter().copied().collect()
     };
+    if let Some(c) = &candidates {
+        for id in rec.unscorable(c) {
+            messages::warning(format_args!(
+                "candidate {id} has no feature in a scored modality: it cannot be ranked and is left out"
+            ));
+        }
+    }
     let top = rec.top_k(&user, a.top_k, candidates.as_deref(), &exclude)?;
     let cfg = &rec.heads.config;
     if !cfg.trained {
         messages::untrained(&cfg.provenance);
     }
     if a.json {
-        let items: Vec<_> = top
-            .iter()
-            .enumerate()
-            .map(|(r, s)| serde_json::json!({"rank": r + 1, "id": s.id, "score": s.score, "title": rec.catalog.item(s.id).map(|i| i.title()).unwrap_or("")}))
-            .collect();
+        let items = rec.ranked(&top);
         let out = serde_json::json!({
             "history": history,
             "history_used": user.used,

@@ -1,24 +1,27 @@
 //! `illmrec score`: batch scoring of a JSON-lines file of users, streamed line by line.
 //!
 //! Input lines: `{"user": <any>, "history": [ids], "candidates": [ids]?, "top_k": n?}`.
-//! Output lines: `{"history_used": n, "items": [{"id", "score"}...], "user": <same>}`.
-//! A malformed line (not UTF-8, not JSON, unknown ids) is reported on stderr with its number,
-//! skipped and counted. Records are written as they are made through the library's resumable
+//! Output lines: `{"history_used": [ids], "items": [{"rank", "id", "score", "title", "year",
+//! "genres"}...], "user": <same>}` (the field names of `recommend --json` and the HTTP API).
+//! A line that cannot be scored (not UTF-8, not JSON, an unknown id, an empty history, ...) gets
+//! `{"line": n, "error": "..."}` in its place, as `POST /v1/score` writes it, is reported on
+//! stderr with its number and kind, and counted by kind; `--max-errors N` stops the run with a
+//! non-zero exit past N such lines (the policy `embed` shares). Records are written as they are made through the library's resumable
 //! output (`illmrec::recommender::batch`): `--resume` continues a killed run, `--shard I/N` takes every N-th
 //! line. Memory is bounded by the longest line.
 
 use super::{messages, UsersFileArgs};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use illmrec::recommender::batch::{self, ScoreSettings, Shard};
+use illmrec::recommender::batch::{self, BadLines, LineErrorKind, ScoreSettings, Shard};
 use illmrec::store::fsutil;
 use illmrec::store::journal::ResumableOutput;
 use illmrec::store::jsonl::{self, ScoreLine};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
-/// Where records go: `(input line number, record or None for a skipped line)`.
-type Sink<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<()> + 'a;
+/// Where records go: `(input line number, record)`.
+type Sink<'a> = dyn FnMut(usize, &[u8]) -> Result<()> + 'a;
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -51,7 +54,19 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         top_k: a.top_k,
         include_seen: a.include_seen,
     };
+    let (partial, journal) = illmrec::store::journal::work_files(&a.output)?;
+    for out in [&a.output, &partial, &journal] {
+        fsutil::refuse_input_as_output(out, "--output", &[&a.users.input])?;
+    }
     let special = fsutil::is_special_output(&a.output)?;
+    if a.resume && !special && illmrec::store::journal::is_finished(&a.output)? {
+        eprintln!(
+            "{} is complete: there is no interrupted run to resume (no {}); nothing to do. Run without --resume to score again.",
+            a.output.display(),
+            journal.display()
+        );
+        return Ok(());
+    }
     ensure!(
         !(special && a.resume),
         "--resume needs a regular output file, and {} is a device or FIFO",
@@ -87,7 +102,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} users  {per_sec}  ETA {eta}").unwrap(),
     );
-    let (mut scored, mut skipped) = (0usize, 0usize);
+    let mut scored = 0usize;
+    let mut bad = BadLines::new(a.users.max_errors);
     let mut each_record = |w: &mut Sink| -> Result<()> {
         // Up to `per_call` taken lines are scored together, then written in line order.
         let mut pending: Vec<jsonl::Line> = Vec::new();
@@ -109,28 +125,30 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             let mut records = batch::score_users(&mut rec, &good, settings, per_call).into_iter();
             for (line, parse_error) in pending.drain(..).zip(parse_errors) {
                 let record = match parse_error {
-                    Some(e) => Err(e),
+                    Some(e) => Err((LineErrorKind::Malformed, e)),
                     None => records
                         .next()
                         .expect("one record per parsed line")
-                        .and_then(|r| Ok(serde_json::to_string(&r)?)),
+                        .and_then(|r| Ok(serde_json::to_string(&r)?))
+                        .map_err(|e| (LineErrorKind::of(&e), e)),
                 };
                 match record {
                     Ok(json) => {
-                        w(line.number, Some(json.as_bytes()))?;
+                        w(line.number, json.as_bytes())?;
                         scored += 1;
                     }
-                    Err(e) => {
+                    Err((kind, e)) => {
                         bar.suspend(|| {
                             eprintln!(
-                                "{}:{}: skipped: {}",
+                                "{}:{}: {kind} line: {} (an error record takes its place)",
                                 a.users.input.display(),
                                 line.number,
-                                format!("{e:#}").replace('\n', " ")
+                                format!("{e:#}").replace('\n', " "),
+                                kind = kind.describe(),
                             )
                         });
-                        w(line.number, None)?;
-                        skipped += 1;
+                        w(line.number, batch::error_record(line.number, &e).as_bytes())?;
+                        bad.count(kind)?;
                     }
                 }
                 bar.inc(1);
@@ -150,15 +168,13 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         flush(&mut pending, w)
     };
     match out.as_mut() {
-        Some(o) => each_record(&mut |n, r| o.record(n, r))?,
+        Some(o) => each_record(&mut |n, r| o.record(n, Some(r)))?,
         // A device or FIFO: written through as records come.
         None => fsutil::write_atomic(&a.output, |w| {
             each_record(&mut |_, r| {
-                if let Some(r) = r {
-                    w.write_all(r)?;
-                    w.write_all(b"\n")?;
-                    w.flush()?;
-                }
+                w.write_all(r)?;
+                w.write_all(b"\n")?;
+                w.flush()?;
                 Ok(())
             })
         })?,
@@ -168,15 +184,21 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     eprintln!(
-        "scored {scored} users, skipped {skipped} malformed lines{}; wrote {}",
+        "scored {scored} users; {} lines could not be scored ({}){}; wrote {}",
+        bad.total(),
+        bad.summary(),
         match done {
             0 => String::new(),
             d => format!(" ({d} done by an earlier run)"),
         },
         a.output.display()
     );
-    if scored == 0 && skipped > 0 {
-        bail!("no line of {} could be scored", a.users.input.display());
+    if scored == 0 && bad.total() > 0 {
+        bail!(
+            "no line of {} could be scored ({})",
+            a.users.input.display(),
+            bad.summary()
+        );
     }
     Ok(())
 }

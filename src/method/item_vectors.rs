@@ -26,7 +26,7 @@ use crate::method::heads::Heads;
 use crate::method::rank::{NonFiniteScore, Scored, TopK};
 use crate::store::bank::{Bank, Modality};
 use crate::store::catalog::Catalog;
-use crate::store::fsutil::{hex, write_atomic, write_atomic_path};
+use crate::store::fsutil::{hex, write_atomic_path};
 use crate::store::verified::Stamps;
 use anyhow::{bail, ensure, Context, Result};
 use bincode::{Decode, Encode};
@@ -156,7 +156,10 @@ impl ItemVectors {
         };
         let stamps = Stamps::new(cache_dir);
         let mut warnings = Vec::new();
-        if path.exists() {
+        let dir_is_link = crate::store::fsutil::is_symlink(cache_dir);
+        // A link at the cache's name is never read (it is not a file of ours): it is replaced
+        // by the rebuilt cache below.
+        if !dir_is_link && path.exists() && !crate::store::fsutil::is_symlink(&path) {
             match Self::open(&path, &expect, Some(&stamps)) {
                 Ok(v) => return Ok(v),
                 Err(e) => warnings.push(format!(
@@ -166,22 +169,19 @@ impl ItemVectors {
             }
         }
         let bytes = build(&key, heads, banks, catalog, None)?;
-        let written = std::fs::create_dir_all(cache_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| match std::fs::metadata(&path) {
-                // Something that is not ours sits at the cache's name (a FIFO would block).
-                Ok(m) if !m.is_file() => {
-                    Err(anyhow::anyhow!("{} is not a regular file", path.display()))
-                }
-                _ => write_atomic(&path, |out| Ok(out.write_all(&bytes)?)),
-            });
+        let written = crate::store::fsutil::owned_dir(cache_dir).and_then(|_| {
+            crate::store::fsutil::write_owned(&path, |out| Ok(out.write_all(&bytes)?))
+        });
         let mut v = Self::from_storage(Storage::Memory(bytes), &expect)?;
         v.computed = true;
         match written {
             Err(e) => warnings.push(format!(
                 "item vectors are not cached ({e:#}); they will be recomputed next time"
             )),
-            Ok(()) => v.path = Some(path),
+            Ok(replaced) => {
+                warnings.extend(replaced.note(&path));
+                v.path = Some(path);
+            }
         }
         v.warnings = warnings;
         Ok(v)
@@ -509,10 +509,9 @@ pub fn write_extended(
 ) -> Result<PathBuf> {
     let key = cache_key(heads, bank_digests, catalog);
     let bytes = build(&key, heads, banks, catalog, Some((old, changed)))?;
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    crate::store::fsutil::owned_dir(cache_dir)?;
     let path = cache_dir.join(cache_file_name(&key));
-    write_atomic(&path, |out| Ok(out.write_all(&bytes)?))?;
+    crate::store::fsutil::write_owned(&path, |out| Ok(out.write_all(&bytes)?))?;
     Ok(path)
 }
 

@@ -2,12 +2,11 @@
 //! of one user and `--shard I/N` selection. The records go to the kill-safe, resumable output of
 //! [`crate::store::journal`].
 
-use crate::method::rank::Scored;
-use crate::recommender::Recommender;
+use crate::recommender::{RankedItem, Recommender, RequestError};
 use crate::store::jsonl::ScoreLine;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 /// Settings of a batch that a line may not override: `top_k` is the default for lines without
 /// their own, and seen items are excluded unless `include_seen`.
@@ -17,35 +16,125 @@ pub struct ScoreSettings {
     pub include_seen: bool,
 }
 
-/// One output record: `{"history_used": n, "items": [{"id", "score"}...], "user": <as given>}`
-/// (fields in this order, as `illmrec score` has always written them).
+/// One output record: `{"history_used": [ids], "items": [{"rank", "id", "score", "title",
+/// "year", "genres"}...], "user": <as given>}`: the field names of `recommend --json` and of the
+/// HTTP API (see [`RankedItem`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct ScoreRecord {
-    pub history_used: usize,
-    pub items: Vec<Scored>,
+    /// History items that made it into the prompt (oldest first).
+    pub history_used: Vec<u64>,
+    pub items: Vec<RankedItem>,
     pub user: serde_json::Value,
 }
 
-/// Checks a user line (non-empty history, every id in the catalog) without running the model.
-pub fn check_line(rec: &Recommender, u: &ScoreLine) -> Result<()> {
-    ensure!(!u.history.is_empty(), "history is empty");
-    if let Some(c) = &u.candidates {
-        ensure!(
-            !c.is_empty(),
-            "the candidate list is empty: give at least one item id"
-        );
+/// Why a line of a batch could not be scored or embedded: the kinds a run counts apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineErrorKind {
+    /// Not UTF-8, not JSON, or not a user line (no `history`, a field of the wrong type).
+    Malformed,
+    /// An id that is not in the catalog.
+    UnknownItem,
+    /// A well-formed line asking for what cannot be answered (an empty history or candidate
+    /// list, `top_k` out of range, too many ids, a prompt that does not fit the context).
+    Invalid,
+    /// The engine failed on it (or a score came out non-finite).
+    Failed,
+}
+
+impl LineErrorKind {
+    /// The kind of a line's error: the [`RequestError`] in its chain decides; any other error
+    /// of a line that parsed is a failure of the engine.
+    pub fn of(e: &anyhow::Error) -> Self {
+        match e.downcast_ref::<RequestError>() {
+            Some(RequestError::UnknownItems(_)) => LineErrorKind::UnknownItem,
+            Some(r) if r.is_client_error() => LineErrorKind::Invalid,
+            _ => LineErrorKind::Failed,
+        }
     }
-    ensure!(u.top_k != Some(0), "top_k must be at least 1");
-    for id in u.history.iter().chain(u.candidates.iter().flatten()) {
-        rec.catalog.item(*id)?;
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            LineErrorKind::Malformed => "malformed",
+            LineErrorKind::UnknownItem => "with an unknown item",
+            LineErrorKind::Invalid => "invalid",
+            LineErrorKind::Failed => "failed",
+        }
     }
+}
+
+/// The record written in place of a line that could not be scored, as `POST /v1/score` writes
+/// it: `{"line": n, "error": "..."}` (so output line k always stands for the k-th taken line).
+pub fn error_record(line: usize, e: &anyhow::Error) -> String {
+    serde_json::json!({"line": line, "error": format!("{e:#}").replace('\n', " ")}).to_string()
+}
+
+/// The bad-line policy of every batch command (`score`, `embed`): a bad line is reported with
+/// its number and kind and the run goes on, until more than `max_errors` lines went bad.
+#[derive(Clone, Debug, Default)]
+pub struct BadLines {
+    pub max_errors: Option<usize>,
+    counts: BTreeMap<LineErrorKind, usize>,
+}
+
+impl BadLines {
+    pub fn new(max_errors: Option<usize>) -> Self {
+        Self {
+            max_errors,
+            counts: BTreeMap::new(),
+        }
+    }
+
+    /// Counts a bad line; an error once more than `max_errors` lines went bad.
+    pub fn count(&mut self, kind: LineErrorKind) -> Result<()> {
+        *self.counts.entry(kind).or_default() += 1;
+        if let Some(max) = self.max_errors {
+            ensure!(
+                self.total() <= max,
+                "more than --max-errors {max} bad lines ({}): stopped",
+                self.summary()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Lines per kind.
+    pub fn counts(&self) -> &BTreeMap<LineErrorKind, usize> {
+        &self.counts
+    }
+
+    /// "2 malformed, 1 with an unknown item" (or "none").
+    pub fn summary(&self) -> String {
+        if self.counts.is_empty() {
+            return "none".into();
+        }
+        self.counts
+            .iter()
+            .map(|(k, n)| format!("{n} {}", k.describe()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Checks a user line (non-empty history and candidates within the limits, `top_k` in range,
+/// every id in the catalog) without running the model: the checks of `POST /v1/score`.
+pub fn check_line(rec: &Recommender, u: &ScoreLine, s: ScoreSettings) -> Result<()> {
+    rec.check_request(
+        &u.history,
+        u.candidates.as_deref(),
+        u.top_k.unwrap_or(s.top_k),
+    )?;
     Ok(())
 }
 
 /// Scores one user line: the LLM on its history, then its top-k over its candidates or the
 /// catalog (history items excluded unless `include_seen`).
 pub fn score_user(rec: &mut Recommender, u: &ScoreLine, s: ScoreSettings) -> Result<ScoreRecord> {
-    check_line(rec, u)?;
+    check_line(rec, u, s)?;
     let user = rec.encode_user(&u.history)?;
     record(rec, u, s, &user)
 }
@@ -63,7 +152,7 @@ pub fn score_users(
     if per_call <= 1 {
         return lines.iter().map(|u| score_user(rec, u, s)).collect();
     }
-    let checked: Vec<Result<()>> = lines.iter().map(|u| check_line(rec, u)).collect();
+    let checked: Vec<Result<()>> = lines.iter().map(|u| check_line(rec, u, s)).collect();
     let ok: Vec<&ScoreLine> = lines
         .iter()
         .zip(&checked)
@@ -95,15 +184,15 @@ fn record(
         true => HashSet::new(),
         false => u.history.iter().copied().collect(),
     };
-    let items = rec.top_k(
+    let top = rec.top_k(
         user,
         u.top_k.unwrap_or(s.top_k),
         u.candidates.as_deref(),
         &exclude,
     )?;
     Ok(ScoreRecord {
-        history_used: user.used.len(),
-        items,
+        history_used: user.used.clone(),
+        items: rec.ranked(&top),
         user: u.user.clone(),
     })
 }
@@ -187,13 +276,46 @@ mod tests {
     #[test]
     fn record_fields_keep_the_score_order() {
         let r = ScoreRecord {
-            history_used: 2,
-            items: vec![Scored { id: 5, score: 1.5 }],
+            history_used: vec![3, 4],
+            items: vec![RankedItem {
+                rank: 1,
+                id: 5,
+                score: 1.5,
+                title: "Heat (1995)".into(),
+                year: Some(1995),
+                genres: vec!["Crime".into()],
+            }],
             user: json!("u1"),
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
-            r#"{"history_used":2,"items":[{"id":5,"score":1.5}],"user":"u1"}"#
+            r#"{"history_used":[3,4],"items":[{"rank":1,"id":5,"score":1.5,"title":"Heat (1995)","year":1995,"genres":["Crime"]}],"user":"u1"}"#
         );
+    }
+
+    #[test]
+    fn bad_lines_count_kinds_and_stop_past_the_limit() {
+        let mut b = BadLines::new(Some(2));
+        b.count(LineErrorKind::Malformed).unwrap();
+        b.count(LineErrorKind::UnknownItem).unwrap();
+        let e = b.count(LineErrorKind::UnknownItem).unwrap_err().to_string();
+        assert!(e.contains("--max-errors 2"), "{e}");
+        assert_eq!(b.summary(), "1 malformed, 2 with an unknown item");
+        let unknown = anyhow::Error::from(RequestError::UnknownItems(vec![7]));
+        assert_eq!(LineErrorKind::of(&unknown), LineErrorKind::UnknownItem);
+        let empty = anyhow::Error::from(RequestError::EmptyHistory);
+        assert_eq!(LineErrorKind::of(&empty), LineErrorKind::Invalid);
+        assert_eq!(
+            LineErrorKind::of(&anyhow::anyhow!("boom")),
+            LineErrorKind::Failed
+        );
+        assert_eq!(
+            error_record(4, &unknown.context("x")),
+            r#"{"error":"x: item 7 is not in the catalog","line":4}"#
+        );
+        let mut unlimited = BadLines::new(None);
+        for _ in 0..100 {
+            unlimited.count(LineErrorKind::Failed).unwrap();
+        }
     }
 }

@@ -20,7 +20,7 @@ mod shared;
 pub use crate::method::rank::Scored;
 pub use encode::{tokenize, Piece};
 pub use request::{RequestError, MAX_CANDIDATES, MAX_HISTORY_IDS, MAX_TOP_K};
-pub use shared::{Shared, UserVector};
+pub use shared::{RankedItem, Shared, UserVector};
 
 use crate::bundle::Bundle;
 use crate::engine::{Context, ContextOptions, GgufInfo, Input, Model, ModelOptions, SavedState};
@@ -339,14 +339,26 @@ fn read_parts(bundle: Bundle, opts: &Options, n_embd: usize) -> Result<Parts> {
         &bundle.file(&m.heads_config),
     )?;
     let catalog = Catalog::parse(&bundle.read_verified(&m.items)?, &bundle.file(&m.items))?;
-    let cache_dir = opts
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| bundle.dir.join("cache"));
-    let (banks, digests) =
-        bundle.open_banks(Some(&crate::store::verified::Stamps::new(&cache_dir)))?;
+    // A cache folder the user names may be a link they chose (followed); the bundle's own
+    // `cache/` is the runtime's, and a link there is not followed.
+    let cache_dir = match &opts.cache_dir {
+        Some(d) => d.canonicalize().unwrap_or_else(|_| d.clone()),
+        None => bundle.dir.join("cache"),
+    };
+    let stamps = crate::store::verified::Stamps::new(&cache_dir);
+    let mut warnings = stamps.remove_links();
+    if crate::store::fsutil::is_symlink(&cache_dir) {
+        warnings.push(format!(
+            "the cache folder {} is a symbolic link: nothing is written there (the runtime writes only inside its own folders; replace the link with a folder)",
+            cache_dir.display()
+        ));
+    }
+    let (banks, digests) = bundle.open_banks(Some(&stamps))?;
     check_dims(&heads, n_embd, &banks)?;
-    let items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
+    warnings.extend(unscored_banks(&bundle, &heads));
+    let mut items = ItemVectors::open_or_build(&cache_dir, &heads, &banks, &digests, &catalog)?;
+    warnings.append(&mut items.warnings);
+    items.warnings = warnings;
     Ok(Parts {
         bundle,
         catalog,
@@ -368,6 +380,36 @@ impl Shared {
 }
 
 /// Checks the heads' dimensions against the model and the banks, naming the tensor that differs.
+/// A warning for each bank the manifest lists that the heads do not score (absent from
+/// heads.json's `item_dims`) and the prompt does not use: its features are ignored.
+fn unscored_banks(bundle: &Bundle, heads: &Heads) -> Vec<String> {
+    let scored = heads.modalities();
+    let names: Vec<&str> = scored.iter().map(|m| m.name()).collect();
+    bundle
+        .manifest
+        .banks
+        .iter()
+        .filter_map(|(name, file)| {
+            let m = Modality::parse(name).ok()?;
+            let in_prompt = m == Modality::Img
+                && heads.adaptor.is_some()
+                && heads.config.prompt == PromptStyle::Image;
+            (!scored.contains(&m)).then(|| {
+                format!(
+                    "the bundle's {m} bank {} is not scored: {} lists no '{m}' in item_dims (it scores {}), so {}",
+                    bundle.file(file).display(),
+                    bundle.file(&bundle.manifest.heads_config).display(),
+                    names.join(", "),
+                    match in_prompt {
+                        true => "its features only reach the prompt",
+                        false => "its features are ignored",
+                    }
+                )
+            })
+        })
+        .collect()
+}
+
 fn check_dims(heads: &Heads, n_embd: usize, banks: &BTreeMap<Modality, Bank>) -> Result<()> {
     let cfg = &heads.config;
     ensure!(

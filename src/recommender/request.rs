@@ -32,6 +32,12 @@ pub enum RequestError {
     },
     /// A NaN or infinite vector or score: the heads or features are damaged.
     NonFinite(String),
+    /// The heads give an answer with no information (an all-zero user vector: every item would
+    /// score 0.0 and the ranking would be the id order); names the heads file.
+    Degenerate(String),
+    /// Candidates given, but none can be ranked: every one is in the history (excluded), or
+    /// none has a feature in a scored modality.
+    NothingToRank(String),
     /// The LLM or another part of the engine failed.
     Engine(anyhow::Error),
 }
@@ -39,7 +45,10 @@ pub enum RequestError {
 impl RequestError {
     /// Whether the request itself is at fault (an HTTP 400), rather than the engine.
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, RequestError::NonFinite(_) | RequestError::Engine(_))
+        !matches!(
+            self,
+            RequestError::NonFinite(_) | RequestError::Degenerate(_) | RequestError::Engine(_)
+        )
     }
 }
 
@@ -74,7 +83,9 @@ impl fmt::Display for RequestError {
                 f,
                 "the prompt for even one history item does not fit a context of {n_ctx} positions; raise --ctx"
             ),
-            RequestError::NonFinite(what) => write!(f, "{what}"),
+            RequestError::NonFinite(what)
+            | RequestError::Degenerate(what)
+            | RequestError::NothingToRank(what) => write!(f, "{what}"),
             RequestError::Engine(e) => write!(f, "{e:#}"),
         }
     }

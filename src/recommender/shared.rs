@@ -28,6 +28,20 @@ pub struct UserVector {
     pub prompt_positions: usize,
 }
 
+/// One ranked item as every front end shows it: `recommend --json`, `score`'s records and the
+/// HTTP API's answers use these field names (the kiosk adds `image`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RankedItem {
+    /// 1 for the best.
+    pub rank: usize,
+    pub id: u64,
+    pub score: f32,
+    pub title: String,
+    /// The year in the title's trailing "(1995)", if any.
+    pub year: Option<u16>,
+    pub genres: Vec<String>,
+}
+
 /// The read-only part of a recommender, shared by its workers.
 pub struct Shared {
     pub bundle: Bundle,
@@ -116,6 +130,12 @@ impl Shared {
                 )));
             }
         }
+        if vectors.iter().flatten().all(|x| *x == 0.0) {
+            return Err(RequestError::Degenerate(format!(
+                "the user heads in {} give an all-zero user vector: every item would score 0.0 and the ranking would be the id order (the heads are zeroed or damaged; retrain or rebuild the bundle)",
+                self.bundle.file(&self.bundle.manifest.heads).display()
+            )));
+        }
         Ok(vectors)
     }
 
@@ -135,6 +155,40 @@ impl Shared {
             .collect()
     }
 
+    /// The ids among `ids` that have no feature in any scored modality: they cannot be scored,
+    /// and a ranking leaves them out (the front ends say so, naming them). Unknown ids are not
+    /// listed (they are [`RequestError::UnknownItems`]).
+    pub fn unscorable(&self, ids: &[u64]) -> Vec<u64> {
+        let mut seen = HashSet::new();
+        ids.iter()
+            .copied()
+            .filter(|&id| {
+                self.catalog
+                    .position(id)
+                    .is_some_and(|i| !(0..self.modalities().len()).any(|m| self.items.has(i, m)))
+                    && seen.insert(id)
+            })
+            .collect()
+    }
+
+    /// Ranked items with their catalog fields, in the order given (see [`RankedItem`]).
+    pub fn ranked(&self, top: &[Scored]) -> Vec<RankedItem> {
+        top.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let item = self.catalog.get(s.id);
+                RankedItem {
+                    rank: i + 1,
+                    id: s.id,
+                    score: s.score,
+                    title: item.map_or("", |i| i.title()).to_string(),
+                    year: item.and_then(|i| i.year()),
+                    genres: item.map(|i| i.genres.clone()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
     /// The `k` best items, from `candidates` or the whole catalog, skipping `exclude` (see
     /// [`rank::top_k`] for the order and the handling of duplicates and non-finite scores).
     pub fn top_k(
@@ -147,8 +201,27 @@ impl Shared {
         Ok(match candidates {
             Some([]) => return Err(RequestError::EmptyCandidates),
             Some(ids) => {
+                if ids.iter().all(|id| exclude.contains(id)) {
+                    return Err(RequestError::NothingToRank(
+                        "every candidate is in the history, and seen items are excluded: nothing to rank (give other candidates, or include seen items)".into(),
+                    ));
+                }
                 let scores = self.score_items(user, ids)?;
-                rank::top_k(ids.iter().copied().zip(scores), exclude, k)?
+                let top = rank::top_k(ids.iter().copied().zip(scores), exclude, k)?;
+                if top.is_empty() {
+                    let none: Vec<String> =
+                        self.unscorable(ids).iter().map(u64::to_string).collect();
+                    return Err(RequestError::NothingToRank(format!(
+                        "no candidate can be ranked: items {} have no feature in a scored modality ({})",
+                        none.join(", "),
+                        self.modalities()
+                            .iter()
+                            .map(|m| m.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                top
             }
             None => self
                 .items

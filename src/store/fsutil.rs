@@ -2,9 +2,14 @@
 //! input files safely, hashing, and the library's few calls into the operating system outside
 //! the engine (read-only memory maps, file locks, a process check, an atomic directory swap).
 //!
-//! Writes never replace what is not ours: an output that is a device or a FIFO (`/dev/null`,
-//! `/dev/stdout` on a pipe) is written through, not replaced; a symlink is followed and its target
-//! replaced; a directory is refused. Regular files are replaced atomically: a temporary file
+//! Writes never replace what is not ours. For an output the user names ([`write_atomic`]): a
+//! device or a FIFO (`/dev/null`, `/dev/stdout` on a pipe) is written through, not replaced; a
+//! symlink is followed and its target replaced (the user chose it); a directory is refused. For
+//! a file inside a folder the runtime owns (a bundle, its `cache/`: [`write_owned`]) nothing is
+//! followed: a folder that is a symbolic link is refused, a symbolic link at the file's name is
+//! replaced by the file (its target is never touched) and reported, so a write never lands
+//! outside the folder. An output that is one of the command's inputs (the same file, through a
+//! symlink or a hard link) is refused ([`refuse_input_as_output`]). Regular files are replaced atomically: a temporary file
 //! `.<name>.tmp-<pid>.<random>` in the same folder is written, fsynced and renamed over the
 //! target, so a crash leaves the old file or the new one, never a mix. A temporary file left by a
 //! killed process (its pid no longer runs) is removed by the next write to the same name.
@@ -361,19 +366,213 @@ pub fn map_readonly(file: &File) -> std::io::Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(file) }
 }
 
-/// Takes an exclusive lock on an open file, failing at once when another process holds it
-/// (released when the file is closed).
-pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
+fn flock(file: &File, wait: bool) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on a valid open descriptor.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
+        let op = match wait {
+            true => libc::LOCK_EX,
+            false => libc::LOCK_EX | libc::LOCK_NB,
+        };
+        loop {
+            // SAFETY: flock on a valid open descriptor.
+            let r = unsafe { libc::flock(file.as_raw_fd(), op) };
+            if r == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
         }
     }
-    let _ = file;
+    let _ = (file, wait);
+    Ok(())
+}
+
+/// Opens (creating it if needed) the lock file `path` and takes its exclusive lock: the one lock
+/// helper of the crate (a bundle's writers, a batch run's journal). With `wait`, waits while
+/// another process holds it; without, answers `None` at once when one does. The file is opened
+/// without following a symbolic link (one at `path` is refused). The lock is released when the
+/// file is dropped (or the process ends, however it ends).
+pub fn lock_path(path: &Path, wait: bool) -> Result<Option<File>> {
+    let file = open_no_follow(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+        path,
+    )?;
+    match flock(&file, wait) {
+        Ok(()) => Ok(Some(file)),
+        Err(e) if !wait && e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
+/// Opens `path` with `opts` without following a symbolic link at its name (`O_NOFOLLOW`): a link
+/// there is refused with a message naming it.
+pub fn open_no_follow(opts: &mut std::fs::OpenOptions, path: &Path) -> Result<File> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NOFOLLOW);
+    }
+    match opts.open(path) {
+        Ok(f) => Ok(f),
+        Err(_) if is_symlink(path) => bail!(
+            "refusing to open {}: it is a symbolic link (the runtime does not write through links)",
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot open {}", path.display())),
+    }
+}
+
+/// Whether `path` itself (not what it points to) is a symbolic link.
+pub fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Makes sure `dir`, a folder the runtime owns (a bundle's `cache/`), is a real folder: creates
+/// it when missing; a symbolic link or a file there is refused with a message naming it, so
+/// nothing is written wherever it points.
+pub fn owned_dir(dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => bail!(
+            "refusing to write into {}: it is a symbolic link, and the runtime writes only inside its own folders (replace the link with a folder)",
+            dir.display()
+        ),
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("{} exists and is not a folder", dir.display()),
+        Err(_) => {
+            let (parent, _) = split_path(dir)?;
+            ensure_folder(&parent, dir)?;
+            match std::fs::create_dir(dir) {
+                Ok(()) => Ok(()),
+                // Made by another process meanwhile: check it again.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::symlink_metadata(dir) {
+                    Ok(m) if m.is_dir() => Ok(()),
+                    _ => bail!("{} exists and is not a folder", dir.display()),
+                },
+                Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.display())),
+            }
+        }
+    }
+}
+
+/// What [`write_owned`] found at the file's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Replaced {
+    /// A regular file or nothing.
+    File,
+    /// A symbolic link (to this target), replaced by the file: the target was not touched.
+    Link(PathBuf),
+}
+
+impl Replaced {
+    /// A one-line note for a replaced link (None when there was none).
+    pub fn note(&self, path: &Path) -> Option<String> {
+        match self {
+            Replaced::File => None,
+            Replaced::Link(target) => Some(format!(
+                "{} was a symbolic link to {}: replaced the link with the file (its target was not written)",
+                path.display(),
+                target.display()
+            )),
+        }
+    }
+}
+
+/// Writes a file inside a folder the runtime owns (the bundle, its `cache/`), atomically as
+/// [`write_atomic`] does, but following nothing (see the module doc): the folder must be a real
+/// folder, not a link; a symbolic link at the file's name is replaced by the new file (the
+/// rename replaces the link, never its target) and reported in the result; a device, FIFO or
+/// folder at the name is refused.
+pub fn write_owned(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<Replaced> {
+    let result = (|| -> Result<Replaced> {
+        let (dir, _) = split_path(path)?;
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_symlink() => bail!(
+                "the folder {} is a symbolic link, and the runtime writes only inside its own folders",
+                dir.display()
+            ),
+            _ => ensure_folder(&dir, path)?,
+        }
+        let replaced = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                Replaced::Link(std::fs::read_link(path).unwrap_or_else(|_| PathBuf::from("?")))
+            }
+            Ok(m) if m.is_dir() => bail!("{} is a directory, not a file", path.display()),
+            Ok(m) if !m.is_file() => bail!(
+                "{} is not a regular file (a device, FIFO or socket is not replaced)",
+                path.display()
+            ),
+            _ => Replaced::File,
+        };
+        // `temp_beside` creates the temporary with O_EXCL (no link is followed there) and takes
+        // the mode of what `path` leads to only for a regular file of ours.
+        let mut tmp = temp_beside(path)?;
+        if replaced != Replaced::File {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                tmp.as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            }
+        }
+        let mut out = BufWriter::new(tmp.as_file_mut());
+        write(&mut out)?;
+        out.flush()?;
+        drop(out);
+        tmp.as_file().sync_all()?;
+        // rename(2) replaces the name itself: a link there is replaced, its target untouched.
+        persist(tmp.into_temp_path(), path)?;
+        Ok(replaced)
+    })();
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The device and inode of what `path` leads to (symlinks followed), if it exists.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Whether two paths lead to the same file: the same name, a symbolic link to it or a hard link
+/// of it (same device and inode).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((file_id(a), file_id(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Refuses an output that is one of the command's inputs (see [`same_file`]): writing it would
+/// destroy what the command reads. `what` names the output's flag (`--output`).
+pub fn refuse_input_as_output(output: &Path, what: &str, inputs: &[&Path]) -> Result<()> {
+    for input in inputs {
+        if same_file(output, input) {
+            bail!(
+                "{what} {} is the input {} (the same file{}): refusing to overwrite what the command reads; choose another output",
+                output.display(),
+                input.display(),
+                match (output == *input, is_symlink(output) || is_symlink(input)) {
+                    (true, _) => "",
+                    (false, true) => ", through a symbolic link",
+                    (false, false) => ", through a hard link",
+                }
+            );
+        }
+    }
     Ok(())
 }
 
@@ -535,5 +734,71 @@ mod tests {
         let err = replace_dir(&f, |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("is not a folder"), "{err}");
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "mine");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn owned_writes_never_follow_links() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let owned = dir.path().join("bundle");
+        std::fs::create_dir(&owned).unwrap();
+        // A link at the file's name: replaced, its target untouched, and said.
+        let link = owned.join("cache.bin");
+        symlink(&victim, &link).unwrap();
+        let r = write_owned(&link, |w| Ok(w.write_all(b"cache")?)).unwrap();
+        assert_eq!(r, Replaced::Link(victim.clone()));
+        assert!(r.note(&link).unwrap().contains("symbolic link"));
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(
+            write_owned(&link, |w| Ok(w.write_all(b"again")?)).unwrap(),
+            Replaced::File
+        );
+        // A folder that is a link: refused, nothing written where it points.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let cache = owned.join("cache");
+        symlink(&elsewhere, &cache).unwrap();
+        let e = owned_dir(&cache).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        let e = write_owned(&cache.join("x"), |w| Ok(w.write_all(b"x")?)).unwrap_err();
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        owned_dir(&owned.join("real")).unwrap();
+        owned_dir(&owned.join("real")).unwrap();
+        // A lock file that is a link is refused; a held lock answers None without waiting.
+        let lock_link = owned.join("lock");
+        symlink(&victim, &lock_link).unwrap();
+        assert!(lock_path(&lock_link, false).is_err());
+        let lock = owned.join("real.lock");
+        let held = lock_path(&lock, false).unwrap();
+        assert!(held.is_some());
+        assert!(lock_path(&lock, false).unwrap().is_none());
+        drop(held);
+        assert!(lock_path(&lock, true).unwrap().is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_output_that_is_an_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::write(&input, "data").unwrap();
+        let hard = dir.path().join("hard");
+        std::fs::hard_link(&input, &hard).unwrap();
+        let soft = dir.path().join("soft");
+        std::os::unix::fs::symlink(&input, &soft).unwrap();
+        for out in [&input, &hard, &soft] {
+            let e = refuse_input_as_output(out, "--output", &[&input]).unwrap_err();
+            assert!(e.to_string().contains("is the input"), "{e}");
+        }
+        let e = refuse_input_as_output(&hard, "--output", &[&input]).unwrap_err();
+        assert!(e.to_string().contains("hard link"), "{e}");
+        refuse_input_as_output(&dir.path().join("new"), "--output", &[&input]).unwrap();
+        std::fs::write(dir.path().join("other"), "data").unwrap();
+        refuse_input_as_output(&dir.path().join("other"), "--output", &[&input]).unwrap();
     }
 }

@@ -120,6 +120,15 @@ pub fn work_files(out: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((with_suffix(out, ".partial")?, with_suffix(out, ".journal")?))
 }
 
+/// Whether the output `out` of a batch is finished: it exists as a regular file and no run of
+/// it was left unfinished (no journal, no partial file beside it). `--resume` then has nothing
+/// to continue.
+pub fn is_finished(out: &Path) -> Result<bool> {
+    let out = fsutil::regular_output(out)?;
+    let (partial, journal) = work_files(&out)?;
+    Ok(out.is_file() && !partial.exists() && !journal.exists())
+}
+
 /// How often finished records are made durable (and so survive a kill without being redone).
 pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
@@ -148,20 +157,13 @@ impl ResumableOutput {
     pub fn open(out: &Path, key: &serde_json::Value, resume: bool) -> Result<Self> {
         let out = fsutil::regular_output(out)?;
         let (partial_path, journal_path) = work_files(&out)?;
-        let mut journal = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&journal_path)
-            .with_context(|| format!("cannot open {}", journal_path.display()))?;
-        fsutil::lock_exclusive(&journal).with_context(|| {
-            format!(
+        let Some(mut journal) = fsutil::lock_path(&journal_path, false)? else {
+            anyhow::bail!(
                 "another run is writing {} (its journal {} is locked)",
                 out.display(),
                 journal_path.display()
-            )
-        })?;
+            );
+        };
         let partial = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

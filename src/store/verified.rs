@@ -16,7 +16,7 @@
 //! "racily clean" problem). Stamps are written atomically, one small JSON file per checked path;
 //! a folder that cannot take them only costs the full check at every open.
 
-use crate::store::fsutil::{hex, write_atomic};
+use crate::store::fsutil::{hex, is_symlink, owned_dir, write_owned};
 use anyhow::Result;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -116,7 +116,12 @@ impl Stamps {
         let Some(now) = Stamp::of(path) else {
             return false;
         };
-        let Ok(text) = std::fs::read(self.record_path(path)) else {
+        let record = self.record_path(path);
+        // A stamp is a file of ours: a link at its name vouches for nothing.
+        if is_symlink(&record) {
+            return false;
+        }
+        let Ok(text) = std::fs::read(record) else {
             return false;
         };
         serde_json::from_slice::<Record>(&text).is_ok_and(|r| r == Self::record_for(path, tag, now))
@@ -147,10 +152,43 @@ impl Stamps {
         Ok(Checked::Full { recorded })
     }
 
+    /// Writes a stamp. Nothing is written through a symbolic link: a stamp folder that is a
+    /// link is refused, a link at a stamp's name is replaced (see
+    /// [`crate::store::fsutil::write_owned`]).
     fn record(&self, path: &Path, tag: &[u8], stamp: Stamp) -> Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        owned_dir(&self.dir)?;
         let json = serde_json::to_vec(&Self::record_for(path, tag, stamp))?;
-        write_atomic(&self.record_path(path), |out| Ok(out.write_all(&json)?))
+        write_owned(&self.record_path(path), |out| Ok(out.write_all(&json)?))?;
+        Ok(())
+    }
+
+    /// Removes the symbolic links named like stamps in the stamp folder (a stamp is a file the
+    /// runtime writes; a link there would have it write into the link's target) and says which.
+    /// A stamp folder that is itself a link is left alone: nothing is written into it.
+    pub fn remove_links(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if is_symlink(&self.dir) {
+            return notes;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return notes;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_link = e.file_type().is_ok_and(|t| t.is_symlink());
+            if is_link && name.starts_with("verified-") && name.ends_with(".json") {
+                let p = e.path();
+                let target = std::fs::read_link(&p).unwrap_or_default();
+                if std::fs::remove_file(&p).is_ok() {
+                    notes.push(format!(
+                        "{} was a symbolic link to {}: removed the link (stamps are written only inside the cache folder; its target was not touched)",
+                        p.display(),
+                        target.display()
+                    ));
+                }
+            }
+        }
+        notes
     }
 }
 

@@ -288,7 +288,7 @@ def runtime_scores(bundle, users, model=None, flags=(), max_history=10, ctx=2048
         illmrec(*args, *flags)
         lines = [json.loads(line) for line in out.read_text().splitlines()]
     return {r["user"]: {s["id"]: s["score"] for s in r["items"]} for r in lines}, \
-        {r["user"]: r["history_used"] for r in lines}
+        {r["user"]: len(r["history_used"]) for r in lines}
 
 
 def top(scores, k=10):

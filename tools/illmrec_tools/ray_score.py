@@ -120,7 +120,7 @@ def output_schema():
     """Columns of the scored dataset (fixed, so every block's file has the same schema)."""
     import pyarrow as pa
 
-    return pa.schema([("user", pa.string()), ("history_used", pa.int64()),
+    return pa.schema([("user", pa.string()), ("history_used", pa.list_(pa.uint64())),
                       ("item_ids", pa.list_(pa.uint64())), ("scores", pa.list_(pa.float32())),
                       ("record", pa.string()), ("error", pa.string())])
 

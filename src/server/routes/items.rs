@@ -67,13 +67,15 @@ pub(super) fn item_json(app: &App, shared: &Shared, item: &Item, score: Option<f
     v
 }
 
+/// Ranked items with the library's field names ([`illmrec::recommender::RankedItem`]: `rank`,
+/// `id`, `score`, `title`, `year`, `genres`) and the kiosk's `image`.
 pub(super) fn ranked_json(app: &App, shared: &Shared, top: &[Scored]) -> Vec<Value> {
     top.iter()
-        .filter_map(|s| {
-            shared
-                .catalog
-                .get(s.id)
-                .map(|i| item_json(app, shared, i, Some(s.score)))
+        .zip(shared.ranked(top))
+        .filter_map(|(s, r)| {
+            let mut v = item_json(app, shared, shared.catalog.get(s.id)?, Some(s.score));
+            v["rank"] = json!(r.rank);
+            Some(v)
         })
         .collect()
 }

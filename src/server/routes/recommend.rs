@@ -108,13 +108,15 @@ pub(super) async fn score(State(app): State<AppState>, req: Request) -> ApiResul
                         let exclude = exclusions(&u.history, false);
                         let top = rec.top_k(&user, k, u.candidates.as_deref(), &exclude)?;
                         let decoded = cold_decoded(rec, &user);
-                        Ok::<_, RequestError>((user.used.len(), top, decoded))
+                        Ok::<_, RequestError>((user.used, top, decoded))
                     })
                     .await??)
             })
             .await?;
             count_decoded(decoded);
-            Ok(json!({"user": user_field, "items": top, "history_used": used}))
+            // The fields of `illmrec score`'s records (`ScoreRecord`).
+            let items = app.shared()?.ranked(&top);
+            Ok(json!({"history_used": used, "items": items, "user": user_field}))
         }
         .await;
         match result {

@@ -4,7 +4,7 @@
     >>> rec = illmrec.Recommender("models/demo-bundle", threads=2)
     >>> ids, scores = rec.recommend([260, 1198, 1196], top_k=5)
     >>> rec.score_batch([{"user": 1, "history": [260, 1198]}])
-    [{'history_used': 2, 'items': [{'id': ..., 'score': ...}, ...], 'user': 1}]
+    [{'history_used': [260, 1198], 'items': [{'rank': 1, 'id': ..., 'score': ..., 'title': ..., 'year': ..., 'genres': [...]}, ...], 'user': 1}]
     >>> rec.embed([[260, 1198], [589]]).shape
     (2, 640)
 
