@@ -5,6 +5,7 @@
 
 pub mod agreement;
 pub mod models;
+pub mod plot;
 pub mod report;
 pub mod sweep;
 #[allow(unsafe_code)]

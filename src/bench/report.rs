@@ -3,8 +3,9 @@
 //! with plotters in an embedded DejaVu font, so no system font is needed).
 
 use super::sweep::{Plan, Row, Style};
+use crate::bench::plot::FONT;
 use crate::recommender::Recommender;
-use anyhow::{anyhow, ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -207,16 +208,9 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
         .collect()
 }
 
-/// The font family the plot registers (DejaVu Sans, embedded: no system font is needed).
-const FONT: &str = "illmrec-sans";
-
 fn plot(report: &Report, width: u32, height: u32) -> Result<Vec<u8>> {
     use plotters::prelude::*;
-    static FONT_ONCE: std::sync::Once = std::sync::Once::new();
-    FONT_ONCE.call_once(|| {
-        // DejaVu Sans is a valid TrueType font; a failure here would show as missing text.
-        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
-    });
+    crate::bench::plot::register_font();
     ensure!(
         width >= 200 && height >= 150,
         "a plot needs at least 200×150 pixels"
@@ -225,7 +219,7 @@ fn plot(report: &Report, width: u32, height: u32) -> Result<Vec<u8>> {
         !report.rows.is_empty(),
         "nothing to plot: the sweep has no row"
     );
-    let e = |e: &dyn std::fmt::Display| anyhow!("cannot draw the plot: {e}");
+    let e = crate::bench::plot::draw_error;
     let mut buf = vec![0u8; width as usize * height as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
@@ -310,12 +304,7 @@ fn plot(report: &Report, width: u32, height: u32) -> Result<Vec<u8>> {
         }
         root.present().map_err(|x| e(&x))?;
     }
-    let img = image::RgbImage::from_raw(width, height, buf)
-        .context("the plot buffer does not match its size")?;
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .context("cannot encode the plot as PNG")?;
-    Ok(out.into_inner())
+    crate::bench::plot::png(width, height, buf)
 }
 
 #[cfg(test)]
