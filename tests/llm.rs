@@ -278,14 +278,25 @@ fn hidden_states_do_not_depend_on_the_thread_count() {
                 ctx.last_hidden(&inputs, false).unwrap()
             })
             .collect();
+        // Byte-identical where illmrec's kernels run (AVX-512); ggml's own kernels split work by
+        // thread count, so elsewhere equal within 3e-3 of the largest value.
+        let exact = illmrec::engine::kernels::install() == illmrec::engine::kernels::State::On;
         for (k, s) in states.iter().enumerate().skip(1) {
-            assert_eq!(
-                s,
-                &states[0],
-                "flash attention {flash_attn:?}: {} threads against 1: max abs diff {}",
-                k + 1,
-                max_abs_diff(s, &states[0])
-            );
+            let diff = max_abs_diff(s, &states[0]);
+            if exact {
+                assert_eq!(
+                    s,
+                    &states[0],
+                    "flash attention {flash_attn:?}: {} threads against 1: max abs diff {diff}",
+                    k + 1
+                );
+            } else {
+                assert!(
+                    diff / max_abs(&states[0]) < 3e-3,
+                    "flash attention {flash_attn:?}: {} threads against 1: max abs diff {diff}",
+                    k + 1
+                );
+            }
         }
     }
 }
