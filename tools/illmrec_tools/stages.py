@@ -26,7 +26,6 @@ Typical run (ML-100K, image prompts; every step is resumable or cheap):
 import argparse
 import datetime
 import json
-import math
 import shlex
 import sys
 import time
@@ -278,11 +277,7 @@ def cmd_init(a):
     data = Data(a.dataset)
     item_dims = {m: data.feats[m].shape[1] for m in MODALITIES}
     image_dim = item_dims["img"] if a.prompt_style == "image" else None
-    rec = RecModule(LLM_DIM, item_dims, image_dim)
-    # Reference init (xavier-uniform [REC]) carried into Gemma's input space, where every token row
-    # is multiplied by sqrt(n_embd) before the first layer: the same relative size as in the reference.
-    with torch.no_grad():
-        rec.rec_token.mul_(math.sqrt(LLM_DIM))
+    rec = RecModule(LLM_DIM, item_dims, image_dim)  # [REC] at the reference's relative size
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = heads_config(LLM_DIM, item_dims, a.prompt_style, image_dim, False,
                        f"initial adaptor and [REC] for state extraction (seed {a.seed}); heads untrained")

@@ -74,16 +74,37 @@ class RecModule(nn.Module):
             self.adaptor.proj_v2c = nn.Linear(image_dim, adaptor_dim)
             self.adaptor.layernorm = nn.LayerNorm(adaptor_dim, eps=1e-8)
             self.adaptor.interface = nn.Linear(adaptor_dim, llm_dim)
-        self.rec_token = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, llm_dim)))
+        # Reference init (xavier-uniform [REC]) carried into Gemma's input space, where every token
+        # row is multiplied by sqrt(n_embd) before the first layer: the same relative size as there.
+        self.rec_token = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, llm_dim)) * math.sqrt(llm_dim))
         for m, d in item_dims.items():
             setattr(self, f"f_u_{m}", mlp(llm_dim))
             setattr(self, f"f_i_{m}", mlp(d))
+
+    def set_standardization(self, mu, sd):
+        """A fixed per-dimension standardisation of the [REC] state before the user heads
+        (statistics of the initial states); folded into f_u_m's first layer by `folded_state`."""
+        self.register_buffer("state_mu", mu.detach().clone())
+        self.register_buffer("state_sd", sd.detach().clone())
+
+    def folded_state(self):
+        """The state dict in the runtime's layout: the standardisation folded into f_u_m."""
+        sd = {k: v.detach().clone() for k, v in self.state_dict().items() if k not in ("state_mu", "state_sd")}
+        if hasattr(self, "state_mu"):
+            for m in MODALITIES:
+                w, b = f"f_u_{m}.mlp.0.weight", f"f_u_{m}.mlp.0.bias"
+                if w in sd:
+                    sd[w] = sd[w] / self.state_sd
+                    sd[b] = sd[b] - sd[w] @ self.state_mu
+        return sd
 
     def adapt(self, x):
         a = self.adaptor
         return a.interface(nn.functional.gelu(a.layernorm(a.proj_v2c(x))))
 
     def head(self, side, m, x):
+        if side == "u" and hasattr(self, "state_mu"):
+            x = (x - self.state_mu) / self.state_sd
         return getattr(self, f"f_{side}_{m}").mlp(x)
 
 
@@ -347,7 +368,7 @@ def export(rec, cfg_extra, out, dtype):
     """heads.safetensors (runtime key names, [out, in] weights) + heads.json."""
     dt = torch.float16 if dtype == "f16" else torch.float32
     with atomic_write(out / "heads.safetensors", "wb") as f:
-        f.write(save({k: v.detach().cpu().to(dt).contiguous() for k, v in rec.state_dict().items()}))
+        f.write(save({k: v.cpu().to(dt).contiguous() for k, v in rec.folded_state().items()}))
     write_json(out / "heads.json", cfg_extra)
 
 
@@ -375,6 +396,14 @@ def main(argv=None):
                     help="every N samples, HR@5/NDCG on --valid-users validation users and the probe R^2 "
                          "(appended to OUT/valid.jsonl)")
     ap.add_argument("--valid-users", type=int, default=200)
+    ap.add_argument("--item-heads", type=Path,
+                    help="start the item heads f_i_m from this heads.pt (`stages heads` output, e.g. the no-LLM "
+                         "model's) instead of a random initialisation")
+    ap.add_argument("--freeze-item-heads", action="store_true", help="keep the item heads fixed")
+    ap.add_argument("--lr-inputs", type=float, help="learning rate of the adaptor and [REC] [default: --lr]")
+    ap.add_argument("--standardize", type=int, default=0, metavar="N",
+                    help="standardise the [REC] state per dimension before the user heads, with the mean and "
+                         "deviation of N initial training states (fixed; folded into the heads at export)")
     ap.add_argument("--model", type=Path, default=DEFAULT_GGUF)
     ap.add_argument("--device", default="cpu", help="torch device (cuda for a GPU)")
     ap.add_argument("--bf16", action="store_true", help="run the LLM under bf16 autocast")
@@ -396,14 +425,27 @@ def main(argv=None):
     table = make_token_table_trainable(model) if a.train_token_embeddings else None
     trainer = Trainer(model, tok, data, rec, a.prompt_style, cache_prefix=table is None)
     qtypes = ["title", "genres"] + (["description"] if a.prompt_style != "title" else [])
+    if a.item_heads:
+        st = torch.load(a.item_heads, map_location=a.device)
+        missing = [k for k in rec.state_dict() if k.startswith("f_i_") and k not in st]
+        if missing:
+            raise SystemExit(f"train: {a.item_heads} has no {missing[0]} (not a heads.pt with these feature sizes)")
+        rec.load_state_dict({k: v for k, v in st.items() if k.startswith("f_i_")}, strict=False)
+    if a.freeze_item_heads:
+        for m in MODALITIES:
+            getattr(rec, f"f_i_{m}").requires_grad_(False)
 
     per_epoch = math.ceil(len(data.train) / a.batch_size)
     total = a.epochs * per_epoch
     if a.max_samples:
         total = min(total, math.ceil(a.max_samples / a.batch_size))
     # weight_decay 0 (the reference's HF default): rows that get no gradient do not move.
-    opt = torch.optim.AdamW(list(rec.parameters()) + ([table] if table is not None else []), lr=a.lr,
-                            weight_decay=0.0)
+    inputs = [p for n, p in rec.named_parameters() if n == "rec_token" or n.startswith("adaptor.")]
+    heads = [p for n, p in rec.named_parameters() if p.requires_grad and not (n == "rec_token" or n.startswith("adaptor."))]
+    groups = [dict(params=inputs, lr=a.lr_inputs or a.lr), dict(params=heads, lr=a.lr)]
+    if table is not None:
+        groups.append(dict(params=[table], lr=a.lr))
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     ckpt, step, history, seconds_before = a.out / "ckpt.pt", 0, [], 0.0
     if ckpt.exists():
@@ -411,6 +453,8 @@ def main(argv=None):
         if st["total"] != total or st["style"] != a.prompt_style or ("table" in st) != (table is not None):
             raise SystemExit(f"train: {ckpt} is from other settings (steps, prompt style or "
                              f"--train-token-embeddings); use another --out")
+        if "state_mu" in st["rec"]:
+            rec.set_standardization(st["rec"]["state_mu"], st["rec"]["state_sd"])
         rec.load_state_dict(st["rec"])
         if table is not None:
             table.data.copy_(st["table"])
@@ -452,6 +496,13 @@ def main(argv=None):
         print(f"valid at {row['samples']} samples: HR@5 {mv['hr@5']:.4f} NDCG@5 {mv['ndcg@5']:.4f} "
               f"NDCG@10 {mv['ndcg@10']:.4f} probe R2 {mv['probe_r2_img']:.3f} ({row['seconds']:.0f} s)", flush=True)
 
+    if a.standardize and step == 0 and not hasattr(rec, "state_mu"):
+        hist = [s["history"] for s in epoch_samples(data, a.seed, 0, qtypes)[:a.standardize]]
+        with torch.no_grad():
+            h = torch.cat([trainer.rec_states(hist[b:b + 8]) for b in range(0, len(hist), 8)])
+        rec.set_standardization(h.mean(0), h.std(0).clamp_min(1e-6))
+        print(f"standardising the [REC] state with {len(hist)} initial states (mean |mu| "
+              f"{h.mean(0).abs().mean():.3f}, sd range {h.std(0).min():.3g}..{h.std(0).max():.3g})", flush=True)
     if valid_cases and step == 0 and not (a.out / "valid.jsonl").exists():
         validate()
     steps_per_valid = max(1, a.valid_every // a.batch_size) if a.valid_every else 0

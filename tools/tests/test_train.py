@@ -148,3 +148,39 @@ def test_token_embedding_training_exports_a_gguf(llm, tiny, tmp_path):
     assert printed.strip()
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["model"]["path"].endswith("model.gguf")
+
+
+def test_item_heads_start_frozen_and_standardisation_folds_into_export(llm, tiny, tmp_path):
+    from safetensors.torch import load_file
+    data = tr.Data(tiny)
+    dims = {m: data.feats[m].shape[1] for m in tr.MODALITIES}
+    torch.manual_seed(1)
+    given = tr.RecModule(640, dims, 1024)
+    item_heads = {k: v for k, v in given.state_dict().items() if k.startswith("f_i_")}
+    torch.save(item_heads, tmp_path / "heads.pt")
+    out = tmp_path / "run"
+    tr.main(["--dataset", str(tiny), "--out", str(out), "--max-samples", "4", "--batch-size", "2",
+             "--ila-weight", "0", "--ire-loss", "softmax", "--lr", "1e-3", "--lr-inputs", "1e-2",
+             "--item-heads", str(tmp_path / "heads.pt"), "--freeze-item-heads", "--standardize", "4"])
+    exported = load_file(out / "heads.safetensors")
+    assert "state_mu" not in exported and "state_sd" not in exported
+    for k, v in item_heads.items():  # frozen: exactly the given item heads
+        assert torch.equal(exported[k], v), k
+    # the run's user heads with their standardisation == the exported (folded) user heads
+    st = torch.load(out / "ckpt.pt", weights_only=False)["rec"]
+    trained = tr.RecModule(640, dims, 1024)
+    trained.set_standardization(st["state_mu"], st["state_sd"])
+    trained.load_state_dict(st)
+    assert not torch.equal(st["state_sd"], torch.ones_like(st["state_sd"]))
+    folded = tr.RecModule(640, dims, 1024)
+    folded.load_state_dict(exported)
+    x = torch.randn(3, 640) * 5
+    with torch.no_grad():
+        for m in tr.MODALITIES:
+            a, b = trained.head("u", m, x), folded.head("u", m, x)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max()), m
+    # a heads.pt without item heads of these sizes is refused with a message
+    torch.save({"f_u_img.mlp.0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="no f_i_"):
+        tr.main(["--dataset", str(tiny), "--out", str(tmp_path / "run2"), "--max-samples", "2",
+                 "--batch-size", "2", "--ila-weight", "0", "--item-heads", str(tmp_path / "bad.pt")])
