@@ -404,6 +404,8 @@ def main(argv=None):
     ap.add_argument("--standardize", type=int, default=0, metavar="N",
                     help="standardise the [REC] state per dimension before the user heads, with the mean and "
                          "deviation of N initial training states (fixed; folded into the heads at export)")
+    ap.add_argument("--export-only", action="store_true",
+                    help="export the heads of OUT/ckpt.pt as they are (a run in progress) without training")
     ap.add_argument("--model", type=Path, default=DEFAULT_GGUF)
     ap.add_argument("--device", default="cpu", help="torch device (cuda for a GPU)")
     ap.add_argument("--bf16", action="store_true", help="run the LLM under bf16 autocast")
@@ -458,8 +460,9 @@ def main(argv=None):
         rec.load_state_dict(st["rec"])
         if table is not None:
             table.data.copy_(st["table"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
+        if not a.export_only:  # exporting needs the trainables only
+            opt.load_state_dict(st["opt"])
+            sched.load_state_dict(st["sched"])
         step, history = st["step"], st["history"]
         # Checkpoints written before train_seconds existed: each resumed segment's log restarted
         # its clock, so sum the last time of every segment.
@@ -496,18 +499,21 @@ def main(argv=None):
         print(f"valid at {row['samples']} samples: HR@5 {mv['hr@5']:.4f} NDCG@5 {mv['ndcg@5']:.4f} "
               f"NDCG@10 {mv['ndcg@10']:.4f} probe R2 {mv['probe_r2_img']:.3f} ({row['seconds']:.0f} s)", flush=True)
 
-    if a.standardize and step == 0 and not hasattr(rec, "state_mu"):
+    if a.export_only:
+        if not ckpt.exists():
+            raise SystemExit(f"train: --export-only needs a checkpoint, and {ckpt} does not exist")
+    if a.standardize and step == 0 and not hasattr(rec, "state_mu") and not a.export_only:
         hist = [s["history"] for s in epoch_samples(data, a.seed, 0, qtypes)[:a.standardize]]
         with torch.no_grad():
             h = torch.cat([trainer.rec_states(hist[b:b + 8]) for b in range(0, len(hist), 8)])
         rec.set_standardization(h.mean(0), h.std(0).clamp_min(1e-6))
         print(f"standardising the [REC] state with {len(hist)} initial states (mean |mu| "
               f"{h.mean(0).abs().mean():.3f}, sd range {h.std(0).min():.3g}..{h.std(0).max():.3g})", flush=True)
-    if valid_cases and step == 0 and not (a.out / "valid.jsonl").exists():
+    if valid_cases and step == 0 and not (a.out / "valid.jsonl").exists() and not a.export_only:
         validate()
     steps_per_valid = max(1, a.valid_every // a.batch_size) if a.valid_every else 0
     samples, t0, acc = None, time.time(), []
-    while step < total:
+    while step < total and not a.export_only:
         epoch, k = divmod(step, per_epoch)
         if samples is None or samples[0] != epoch:
             samples = (epoch, epoch_samples(data, a.seed, epoch, qtypes))
@@ -540,7 +546,8 @@ def main(argv=None):
         if a.max_minutes and time.time() - t_start > 60 * a.max_minutes:
             print(f"time budget reached at step {step}/{total}", flush=True)
             break
-    save()
+    if not a.export_only:
+        save()
     cfg = heads_config(llm_dim, item_dims, a.prompt_style, image_dim, True,
                        f"dataset {a.dataset.name}, {step}/{total} steps of batch {a.batch_size} "
                        f"({min(step * a.batch_size, total * a.batch_size)} samples, "

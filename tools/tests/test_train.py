@@ -179,6 +179,16 @@ def test_item_heads_start_frozen_and_standardisation_folds_into_export(llm, tiny
         for m in tr.MODALITIES:
             a, b = trained.head("u", m, x), folded.head("u", m, x)
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max()), m
+    # --export-only writes the checkpoint's heads again without a training step
+    ckpt_before = (out / "ckpt.pt").read_bytes()
+    (out / "heads.safetensors").unlink()
+    tr.main(["--dataset", str(tiny), "--out", str(out), "--max-samples", "4", "--batch-size", "2",
+             "--ila-weight", "0", "--ire-loss", "softmax", "--export-only"])
+    assert (out / "ckpt.pt").read_bytes() == ckpt_before
+    again = load_file(out / "heads.safetensors")
+    assert all(torch.equal(again[k], v) for k, v in exported.items())
+    with pytest.raises(SystemExit, match="needs a checkpoint"):
+        tr.main(["--dataset", str(tiny), "--out", str(tmp_path / "none"), "--export-only"])
     # a heads.pt without item heads of these sizes is refused with a message
     torch.save({"f_u_img.mlp.0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(SystemExit, match="no f_i_"):
