@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from .atomic import atomic_write, write_json
+from .atomic import atomic_write, write_json, write_jsonl
 from .gguf_table import write_gguf
 from .llm import DEFAULT_GGUF, PROMPT, encode, load_llm, segments, tokenize
 
@@ -299,6 +299,7 @@ class Trainer:
                 negs = row[torch.tensor([index[i] for i in c["negatives"]], device=self.dev)]
                 ranks.append(int((negs >= t).sum()))
         r = np.array(ranks)
+        self.last_ranks = r
         out = {"hr@5": float((r < 5).mean()), "ndcg@5": float(np.where(r < 5, 1 / np.log2(r + 2), 0).mean()),
                "ndcg@10": float(np.where(r < 10, 1 / np.log2(r + 2), 0).mean())}
         out["probe_r2_img"] = probe_r2(torch.cat(states), self.mean_feature("img", [c["history"][-10:] for c in cases]))
@@ -333,6 +334,17 @@ class Trainer:
         if self.vocab_mask is not None:
             logits = logits.masked_fill(self.vocab_mask, float("-inf"))
         return nn.functional.cross_entropy(logits, labels)
+
+
+class FeatureTrainer(Trainer):
+    """The no-LLM model on the same samples: the user heads read the mean of the history items'
+    features per modality, concatenated (zeros where none has it), instead of the [REC] state."""
+
+    def __init__(self, data, rec):
+        self.data, self.rec, self.dev = data, rec, data.feats["img"].device
+
+    def rec_states(self, histories):
+        return torch.cat([self.mean_feature(m, histories) for m in MODALITIES], 1)
 
 
 def probe_r2(x, y, ridge=1000.0):
@@ -396,6 +408,9 @@ def main(argv=None):
                     help="every N samples, HR@5/NDCG on --valid-users validation users and the probe R^2 "
                          "(appended to OUT/valid.jsonl)")
     ap.add_argument("--valid-users", type=int, default=200)
+    ap.add_argument("--user-input", choices=["llm", "features"], default="llm",
+                    help="features: the no-LLM baseline on the same samples (the user heads read the mean of the "
+                         "history's features); writes OUT/summary.json and OUT/{valid,test}-ranks.jsonl, no heads")
     ap.add_argument("--item-heads", type=Path,
                     help="start the item heads f_i_m from this heads.pt (`stages heads` output, e.g. the no-LLM "
                          "model's) instead of a random initialisation")
@@ -418,14 +433,23 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
     data = Data(a.dataset, a.device)
-    model, tok = load_llm(a.model)
-    model.to(a.device)
-    llm_dim = model.config.hidden_size
     item_dims = {m: data.feats[m].shape[1] for m in MODALITIES}
-    image_dim = item_dims["img"] if a.prompt_style == "image" else None
-    rec = RecModule(llm_dim, item_dims, image_dim).to(a.device)
-    table = make_token_table_trainable(model) if a.train_token_embeddings else None
-    trainer = Trainer(model, tok, data, rec, a.prompt_style, cache_prefix=table is None)
+    table = None
+    if a.user_input == "features":
+        if a.ila_weight or a.train_token_embeddings:
+            raise SystemExit("train: --user-input features runs no LLM: use it with --ila-weight 0 and "
+                             "without --train-token-embeddings")
+        llm_dim, image_dim = sum(item_dims.values()), None
+        rec = RecModule(llm_dim, item_dims, image_dim).to(a.device)
+        trainer = FeatureTrainer(data, rec)
+    else:
+        model, tok = load_llm(a.model)
+        model.to(a.device)
+        llm_dim = model.config.hidden_size
+        image_dim = item_dims["img"] if a.prompt_style == "image" else None
+        rec = RecModule(llm_dim, item_dims, image_dim).to(a.device)
+        table = make_token_table_trainable(model) if a.train_token_embeddings else None
+        trainer = Trainer(model, tok, data, rec, a.prompt_style, cache_prefix=table is None)
     qtypes = ["title", "genres"] + (["description"] if a.prompt_style != "title" else [])
     if a.item_heads:
         st = torch.load(a.item_heads, map_location=a.device)
@@ -548,6 +572,19 @@ def main(argv=None):
             break
     if not a.export_only:
         save()
+    if a.user_input == "features":  # a baseline for comparison: metrics and ranks, nothing to serve
+        summary = {"samples": step * a.batch_size, "train_seconds": train_seconds()}
+        for split in ("valid", "test"):
+            cases = read_jsonl(a.dataset / f"{split}.jsonl")
+            with torch.no_grad():
+                summary[split] = {k: v for k, v in trainer.validate(cases).items() if k != "probe_r2_img"}
+            summary[split]["users"] = len(cases)
+            write_jsonl(a.out / f"{split}-ranks.jsonl",
+                        ({"user": c["user"], "rank": int(r)} for c, r in zip(cases, trainer.last_ranks)))
+        write_json(a.out / "summary.json", summary)
+        print(f"no-LLM baseline after {summary['samples']} samples: valid HR@5 {summary['valid']['hr@5']:.4f}, "
+              f"test HR@5 {summary['test']['hr@5']:.4f} (OUT/summary.json)", flush=True)
+        return
     cfg = heads_config(llm_dim, item_dims, a.prompt_style, image_dim, True,
                        f"dataset {a.dataset.name}, {step}/{total} steps of batch {a.batch_size} "
                        f"({min(step * a.batch_size, total * a.batch_size)} samples, "

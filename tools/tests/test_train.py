@@ -194,3 +194,22 @@ def test_item_heads_start_frozen_and_standardisation_folds_into_export(llm, tiny
     with pytest.raises(SystemExit, match="no f_i_"):
         tr.main(["--dataset", str(tiny), "--out", str(tmp_path / "run2"), "--max-samples", "2",
                  "--batch-size", "2", "--ila-weight", "0", "--item-heads", str(tmp_path / "bad.pt")])
+
+
+def test_no_llm_baseline_on_the_same_samples(tiny, tmp_path):
+    out = tmp_path / "nollm"
+    with pytest.raises(SystemExit, match="runs no LLM"):
+        tr.main(["--dataset", str(tiny), "--out", str(out), "--user-input", "features", "--max-samples", "2"])
+    tr.main(["--dataset", str(tiny), "--out", str(out), "--user-input", "features", "--ila-weight", "0",
+             "--ire-loss", "softmax", "--epochs", "2", "--max-samples", "8", "--batch-size", "2", "--lr", "1e-3",
+             "--standardize", "4"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 8
+    for split in ("valid", "test"):
+        cases = [json.loads(line) for line in (tiny / f"{split}.jsonl").read_text().splitlines()]
+        ranks = [json.loads(line) for line in (out / f"{split}-ranks.jsonl").read_text().splitlines()]
+        assert [r["user"] for r in ranks] == [c["user"] for c in cases]
+        assert all(0 <= r["rank"] <= 100 for r in ranks)
+        assert summary[split]["users"] == len(cases)
+        assert summary[split]["hr@5"] == pytest.approx(sum(r["rank"] < 5 for r in ranks) / len(ranks))
+    assert not (out / "heads.safetensors").exists()  # nothing the runtime could serve
