@@ -287,6 +287,14 @@ class Trainer:
         """Protocol metrics (target among its 100 stored negatives, ties against the target) on
         `cases` (rows of valid.jsonl), histories cut to the newest 10 items as the runtime does;
         plus a ridge probe: R^2 of the [REC] states predicting the mean image feature of the history."""
+        r, states = self.ranks(cases, batch_size)
+        out = protocol_metrics(r)
+        out["probe_r2_img"] = probe_r2(states, self.mean_feature("img", [c["history"][-10:] for c in cases]))
+        return out
+
+    @torch.no_grad()
+    def ranks(self, cases, batch_size=8):
+        """Each case's protocol rank, and the user states they came from."""
         index = {int(i): k for k, i in enumerate(self.data.ids)}
         ranks, states = [], []
         for b in range(0, len(cases), batch_size):
@@ -298,12 +306,7 @@ class Trainer:
                 t = row[index[c["target"]]]
                 negs = row[torch.tensor([index[i] for i in c["negatives"]], device=self.dev)]
                 ranks.append(int((negs >= t).sum()))
-        r = np.array(ranks)
-        self.last_ranks = r
-        out = {"hr@5": float((r < 5).mean()), "ndcg@5": float(np.where(r < 5, 1 / np.log2(r + 2), 0).mean()),
-               "ndcg@10": float(np.where(r < 10, 1 / np.log2(r + 2), 0).mean())}
-        out["probe_r2_img"] = probe_r2(torch.cat(states), self.mean_feature("img", [c["history"][-10:] for c in cases]))
-        return out
+        return np.array(ranks), torch.cat(states)
 
     def mean_feature(self, m, histories):
         rows = []
@@ -341,10 +344,18 @@ class FeatureTrainer(Trainer):
     features per modality, concatenated (zeros where none has it), instead of the [REC] state."""
 
     def __init__(self, data, rec):
+        from .stages import Features  # the staged recipe's no-LLM input (stages imports this module)
         self.data, self.rec, self.dev = data, rec, data.feats["img"].device
+        self.features = Features(data)
 
     def rec_states(self, histories):
-        return torch.cat([self.mean_feature(m, histories) for m in MODALITIES], 1)
+        return self.features.mean_of(histories)
+
+
+def protocol_metrics(r):
+    """HR@5, NDCG@5 and NDCG@10 of protocol ranks (0 = best)."""
+    return {"hr@5": float((r < 5).mean()), "ndcg@5": float(np.where(r < 5, 1 / np.log2(r + 2), 0).mean()),
+            "ndcg@10": float(np.where(r < 10, 1 / np.log2(r + 2), 0).mean())}
 
 
 def probe_r2(x, y, ridge=1000.0):
@@ -576,11 +587,9 @@ def main(argv=None):
         summary = {"samples": step * a.batch_size, "train_seconds": train_seconds()}
         for split in ("valid", "test"):
             cases = read_jsonl(a.dataset / f"{split}.jsonl")
-            with torch.no_grad():
-                summary[split] = {k: v for k, v in trainer.validate(cases).items() if k != "probe_r2_img"}
-            summary[split]["users"] = len(cases)
-            write_jsonl(a.out / f"{split}-ranks.jsonl",
-                        ({"user": c["user"], "rank": int(r)} for c, r in zip(cases, trainer.last_ranks)))
+            r = trainer.ranks(cases)[0]
+            summary[split] = {"users": len(cases), **protocol_metrics(r)}
+            write_jsonl(a.out / f"{split}-ranks.jsonl", ({"user": c["user"], "rank": int(k)} for c, k in zip(cases, r)))
         write_json(a.out / "summary.json", summary)
         print(f"no-LLM baseline after {summary['samples']} samples: valid HR@5 {summary['valid']['hr@5']:.4f}, "
               f"test HR@5 {summary['test']['hr@5']:.4f} (OUT/summary.json)", flush=True)
