@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .atomic import write_json, write_jsonl
-from .train import MODALITIES, Data, RecModule, export, heads_config, mlp, read_jsonl
+from .train import MODALITIES, Data, RecModule, export, heads_config, metrics, mlp, read_jsonl
 
 MAX_HISTORY = 10
 LLM_DIM = 640  # n_embd of the default model (Gemma 3 270M); `init` makes [REC] and the adaptor this wide
@@ -158,16 +158,6 @@ def ranks(combined, feats, cases):
         negs = row[torch.tensor([feats.index[i] for i in c["negatives"]])]
         out.append(int((negs >= t).sum()))
     return np.array(out)
-
-
-def metrics(r):
-    r = np.asarray(r)
-    out = {"users": int(len(r))}
-    for k in (5, 10):
-        out[f"hr@{k}"] = float((r < k).mean())
-        out[f"ndcg@{k}"] = float(np.where(r < k, 1 / np.log2(r + 2), 0).mean())
-    out["mrr"] = float((1 / (r + 1)).mean())
-    return out
 
 
 def state_pairs(states, windows=None):

@@ -288,7 +288,7 @@ class Trainer:
         `cases` (rows of valid.jsonl), histories cut to the newest 10 items as the runtime does;
         plus a ridge probe: R^2 of the [REC] states predicting the mean image feature of the history."""
         r, states = self.ranks(cases, batch_size)
-        out = protocol_metrics(r)
+        out = metrics(r)
         out["probe_r2_img"] = probe_r2(states, self.mean_feature("img", [c["history"][-10:] for c in cases]))
         return out
 
@@ -352,10 +352,15 @@ class FeatureTrainer(Trainer):
         return self.features.mean_of(histories)
 
 
-def protocol_metrics(r):
-    """HR@5, NDCG@5 and NDCG@10 of protocol ranks (0 = best)."""
-    return {"hr@5": float((r < 5).mean()), "ndcg@5": float(np.where(r < 5, 1 / np.log2(r + 2), 0).mean()),
-            "ndcg@10": float(np.where(r < 10, 1 / np.log2(r + 2), 0).mean())}
+def metrics(r):
+    """Protocol metrics of ranks (0 = best): users, HR@5/10, NDCG@5/10, MRR."""
+    r = np.asarray(r)
+    out = {"users": int(len(r))}
+    for k in (5, 10):
+        out[f"hr@{k}"] = float((r < k).mean())
+        out[f"ndcg@{k}"] = float(np.where(r < k, 1 / np.log2(r + 2), 0).mean())
+    out["mrr"] = float((1 / (r + 1)).mean())
+    return out
 
 
 def probe_r2(x, y, ridge=1000.0):
@@ -528,67 +533,66 @@ def main(argv=None):
         t = time.time()
         with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
             mv = trainer.validate(valid_cases)
-        row = dict(step=step, samples=step * a.batch_size, users=len(valid_cases), seconds=time.time() - t, **mv)
+        row = dict(step=step, samples=step * a.batch_size, seconds=time.time() - t, **mv)  # mv has users
         with open(a.out / "valid.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(f"valid at {row['samples']} samples: HR@5 {mv['hr@5']:.4f} NDCG@5 {mv['ndcg@5']:.4f} "
               f"NDCG@10 {mv['ndcg@10']:.4f} probe R2 {mv['probe_r2_img']:.3f} ({row['seconds']:.0f} s)", flush=True)
 
-    if a.export_only:
-        if not ckpt.exists():
-            raise SystemExit(f"train: --export-only needs a checkpoint, and {ckpt} does not exist")
-    if a.standardize and step == 0 and not hasattr(rec, "state_mu") and not a.export_only:
-        hist = [s["history"] for s in epoch_samples(data, a.seed, 0, qtypes)[:a.standardize]]
-        with torch.no_grad():
-            h = torch.cat([trainer.rec_states(hist[b:b + 8]) for b in range(0, len(hist), 8)])
-        rec.set_standardization(h.mean(0), h.std(0).clamp_min(1e-6))
-        print(f"standardising the [REC] state with {len(hist)} initial states (mean |mu| "
-              f"{h.mean(0).abs().mean():.3f}, sd range {h.std(0).min():.3g}..{h.std(0).max():.3g})", flush=True)
-    if valid_cases and step == 0 and not (a.out / "valid.jsonl").exists() and not a.export_only:
-        validate()
-    steps_per_valid = max(1, a.valid_every // a.batch_size) if a.valid_every else 0
-    samples, t0, acc = None, time.time(), []
-    while step < total and not a.export_only:
-        epoch, k = divmod(step, per_epoch)
-        if samples is None or samples[0] != epoch:
-            samples = (epoch, epoch_samples(data, a.seed, epoch, qtypes))
-        batch = samples[1][k * a.batch_size:(k + 1) * a.batch_size]
-        with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
-            ire = trainer.ire_loss(batch, a.ire_loss)
-            ila = trainer.ila_loss(batch) if a.ila_weight else torch.zeros(())
-        opt.zero_grad()
-        (ire + a.ila_weight * ila).backward()
-        opt.step()
-        sched.step()
-        step += 1
-        acc.append((ire.item(), ila.item(), len(batch)))
-        if step % a.log_every == 0 or step == total:
-            n = sum(x[2] for x in acc)
-            rate = n / (time.time() - t0)
-            row = dict(step=step, epoch=epoch, ire=float(np.mean([x[0] for x in acc])),
-                       ila=float(np.mean([x[1] for x in acc])), lr=sched.get_last_lr()[0],
-                       samples_per_s=rate, time=time.time() - t_start)
-            history.append(row)
-            eta = (total - step) * a.batch_size / rate
-            print(f"step {step}/{total} epoch {epoch} ire {row['ire']:.4f} ila {row['ila']:.4f} "
-                  f"lr {row['lr']:.2e} {rate:.2f} samples/s eta {eta / 60:.1f} min", flush=True)
-            t0, acc = time.time(), []
-        if step % a.ckpt_every == 0:
-            save()
-        if steps_per_valid and (step % steps_per_valid == 0 or step == total):
-            save()
-            validate()
-        if a.max_minutes and time.time() - t_start > 60 * a.max_minutes:
-            print(f"time budget reached at step {step}/{total}", flush=True)
-            break
+    if a.export_only and not ckpt.exists():
+        raise SystemExit(f"train: --export-only needs a checkpoint, and {ckpt} does not exist")
     if not a.export_only:
+        if a.standardize and step == 0 and not hasattr(rec, "state_mu"):
+            hist = [s["history"] for s in epoch_samples(data, a.seed, 0, qtypes)[:a.standardize]]
+            with torch.no_grad():
+                h = torch.cat([trainer.rec_states(hist[b:b + 8]) for b in range(0, len(hist), 8)])
+            rec.set_standardization(h.mean(0), h.std(0).clamp_min(1e-6))
+            print(f"standardising the [REC] state with {len(hist)} initial states (mean |mu| "
+                  f"{h.mean(0).abs().mean():.3f}, sd range {h.std(0).min():.3g}..{h.std(0).max():.3g})", flush=True)
+        if valid_cases and step == 0 and not (a.out / "valid.jsonl").exists():
+            validate()
+        steps_per_valid = max(1, a.valid_every // a.batch_size) if a.valid_every else 0
+        samples, t0, acc = None, time.time(), []
+        while step < total:
+            epoch, k = divmod(step, per_epoch)
+            if samples is None or samples[0] != epoch:
+                samples = (epoch, epoch_samples(data, a.seed, epoch, qtypes))
+            batch = samples[1][k * a.batch_size:(k + 1) * a.batch_size]
+            with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
+                ire = trainer.ire_loss(batch, a.ire_loss)
+                ila = trainer.ila_loss(batch) if a.ila_weight else torch.zeros(())
+            opt.zero_grad()
+            (ire + a.ila_weight * ila).backward()
+            opt.step()
+            sched.step()
+            step += 1
+            acc.append((ire.item(), ila.item(), len(batch)))
+            if step % a.log_every == 0 or step == total:
+                n = sum(x[2] for x in acc)
+                rate = n / (time.time() - t0)
+                row = dict(step=step, epoch=epoch, ire=float(np.mean([x[0] for x in acc])),
+                           ila=float(np.mean([x[1] for x in acc])), lr=sched.get_last_lr()[0],
+                           samples_per_s=rate, time=time.time() - t_start)
+                history.append(row)
+                eta = (total - step) * a.batch_size / rate
+                print(f"step {step}/{total} epoch {epoch} ire {row['ire']:.4f} ila {row['ila']:.4f} "
+                      f"lr {row['lr']:.2e} {rate:.2f} samples/s eta {eta / 60:.1f} min", flush=True)
+                t0, acc = time.time(), []
+            if step % a.ckpt_every == 0:
+                save()
+            if steps_per_valid and (step % steps_per_valid == 0 or step == total):
+                save()
+                validate()
+            if a.max_minutes and time.time() - t_start > 60 * a.max_minutes:
+                print(f"time budget reached at step {step}/{total}", flush=True)
+                break
         save()
     if a.user_input == "features":  # a baseline for comparison: metrics and ranks, nothing to serve
         summary = {"samples": step * a.batch_size, "train_seconds": train_seconds()}
         for split in ("valid", "test"):
             cases = read_jsonl(a.dataset / f"{split}.jsonl")
             r = trainer.ranks(cases)[0]
-            summary[split] = {"users": len(cases), **protocol_metrics(r)}
+            summary[split] = metrics(r)
             write_jsonl(a.out / f"{split}-ranks.jsonl", ({"user": c["user"], "rank": int(k)} for c, k in zip(cases, r)))
         write_json(a.out / "summary.json", summary)
         print(f"no-LLM baseline after {summary['samples']} samples: valid HR@5 {summary['valid']['hr@5']:.4f}, "
