@@ -187,7 +187,7 @@ pub fn run(a: BenchModelsArgs) -> Result<()> {
         );
         if q.reused {
             notes.push(format!(
-                "`{}` was reused from an earlier run (made by `--quantize {}` from the same file).",
+                "`{}`: `--quantize {}` of the same file, read from the quantization cache (not requantized).",
                 q.path.display(),
                 q.type_name
             ));
