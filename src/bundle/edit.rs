@@ -30,6 +30,35 @@ pub struct NewItem {
     pub photo: Option<Vec<u8>>,
 }
 
+impl NewItem {
+    /// An item from its catalog fields (genres trimmed, empty ones dropped) and, when it has one,
+    /// its photo's bytes with the photo's image feature.
+    pub fn new(
+        id: u64,
+        title: String,
+        description: Option<String>,
+        genres: Vec<String>,
+        photo: Option<(Vec<u8>, Vec<f32>)>,
+    ) -> NewItem {
+        let (photo, image) = photo.map_or((None, None), |(b, f)| (Some(b), Some(f)));
+        NewItem {
+            item: Item {
+                id,
+                title: Some(title),
+                description,
+                genres: genres
+                    .into_iter()
+                    .map(|g| g.trim().to_string())
+                    .filter(|g| !g.is_empty())
+                    .collect(),
+                image: None,
+            },
+            image,
+            photo,
+        }
+    }
+}
+
 /// The folder of a bundle that holds the photos stored by [`edit`].
 pub const PHOTOS: &str = "images";
 

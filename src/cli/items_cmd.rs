@@ -4,7 +4,6 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use illmrec::bundle::edit::{edit, Edit, EditReport, NewItem};
 use illmrec::images::ImageEncoder;
-use illmrec::store::catalog::Item;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -60,11 +59,8 @@ pub fn run(cmd: ItemsCommand) -> Result<()> {
 
 fn new_item(a: ItemArgs) -> Result<NewItem> {
     let photo = match &a.image {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?),
-        None => None,
-    };
-    let image = match &a.image {
         Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
             let t = std::time::Instant::now();
             let row = ImageEncoder::new()?.encode_file(p)?;
             eprintln!(
@@ -72,27 +68,12 @@ fn new_item(a: ItemArgs) -> Result<NewItem> {
                 p.display(),
                 t.elapsed().as_secs_f64() * 1e3
             );
-            Some(row)
+            // Stored in the bundle (`images/<id>.<ext>`), so that the kiosk shows it.
+            Some((bytes, row))
         }
         None => None,
     };
-    Ok(NewItem {
-        item: Item {
-            id: a.id,
-            title: Some(a.title),
-            description: a.description,
-            genres: a
-                .genres
-                .into_iter()
-                .map(|g| g.trim().to_string())
-                .filter(|g| !g.is_empty())
-                .collect(),
-            image: None,
-        },
-        image,
-        // Stored in the bundle (`images/<id>.<ext>`), so that the kiosk shows it.
-        photo,
-    })
+    Ok(NewItem::new(a.id, a.title, a.description, a.genres, photo))
 }
 
 fn print_report(bundle: &std::path::Path, e: &Edit, r: &EditReport, seconds: f64) {

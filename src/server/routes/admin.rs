@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use illmrec::bundle::edit::{edit, photo_ext, Edit, EditReport, NewItem};
-use illmrec::store::catalog::Item;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -74,29 +73,11 @@ fn photo(id: u64, b64: &str) -> ApiResult<(Vec<u8>, Vec<f32>)> {
 }
 
 fn new_item(id: u64, r: ItemRequest) -> ApiResult<NewItem> {
-    let (photo, image) = match &r.photo {
-        Some(b64) => {
-            let (bytes, feature) = photo(id, b64)?;
-            (Some(bytes), Some(feature))
-        }
-        None => (None, None),
+    let photo = match &r.photo {
+        Some(b64) => Some(photo(id, b64)?),
+        None => None,
     };
-    Ok(NewItem {
-        item: Item {
-            id,
-            title: Some(r.title),
-            description: r.description,
-            genres: r
-                .genres
-                .into_iter()
-                .map(|g| g.trim().to_string())
-                .filter(|g| !g.is_empty())
-                .collect(),
-            image: None,
-        },
-        image,
-        photo,
-    })
+    Ok(NewItem::new(id, r.title, r.description, r.genres, photo))
 }
 
 /// Applies an edit to the bundle and swaps the reloaded bundle in.
