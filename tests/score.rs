@@ -255,3 +255,62 @@ fn users_decoded_together_get_the_records_of_one_at_a_time() {
         assert!(String::from_utf8_lossy(&o.stderr).contains("batch-users"));
     }
 }
+
+#[test]
+fn a_featureless_candidate_is_left_out_with_a_warning_naming_its_line() {
+    let (src, _, ids) = setup();
+    let dir = src.join("featureless");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "heads-config.json",
+        "heads-src.safetensors",
+        "img-src.bank",
+        "text-src.bank",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    // A catalog item with no row in any bank (`items add` refuses such an item; a bundle made
+    // from a catalog and banks that disagree has one).
+    let mut items = std::fs::read_to_string(src.join("items.jsonl")).unwrap();
+    items.push_str("{\"id\": 777777777, \"title\": \"Bare (2026)\", \"genres\": []}\n");
+    std::fs::write(dir.join("items.jsonl"), items).unwrap();
+    let bundle = dir.join("bundle");
+    let _ = std::fs::remove_dir_all(&bundle);
+    let args = common::bundle_create_args(&dir, &bundle, &dir.join("heads-src.safetensors"), true);
+    common::illmrec_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let input = dir.join("users.jsonl");
+    let line = serde_json::json!({"user": "u", "history": [ids[0]], "candidates": [ids[1], 777777777u64, ids[2]]});
+    std::fs::write(&input, format!("{line}\n")).unwrap();
+    let output = dir.join("out.jsonl");
+    let o = common::illmrec(&[
+        "score",
+        "--bundle",
+        &s(&bundle),
+        "--input",
+        &s(&input),
+        "--output",
+        &s(&output),
+        "--threads",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(":1: candidates 777777777 have no feature in a scored modality"),
+        "{stderr}"
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&output).unwrap().trim()).unwrap();
+    let got: Vec<u64> = rec["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got.len(), 2, "{rec}");
+    assert!(!got.contains(&777777777), "{rec}");
+    assert!(
+        rec.get("left_out").is_none(),
+        "the warning is not part of the record: {rec}"
+    );
+}

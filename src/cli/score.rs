@@ -129,11 +129,21 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                     None => records
                         .next()
                         .expect("one record per parsed line")
-                        .and_then(|r| Ok(serde_json::to_string(&r)?))
+                        .and_then(|r| Ok((serde_json::to_string(&r)?, r.left_out)))
                         .map_err(|e| (LineErrorKind::of(&e), e)),
                 };
                 match record {
-                    Ok(json) => {
+                    Ok((json, left_out)) => {
+                        if !left_out.is_empty() {
+                            bar.suspend(|| {
+                                messages::warning(format_args!(
+                                    "{}:{}: candidates {} have no feature in a scored modality: they cannot be ranked and are left out",
+                                    a.users.input.display(),
+                                    line.number,
+                                    left_out.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+                                ))
+                            });
+                        }
                         w(line.number, json.as_bytes())?;
                         scored += 1;
                     }

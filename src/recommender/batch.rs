@@ -25,6 +25,10 @@ pub struct ScoreRecord {
     pub history_used: Vec<u64>,
     pub items: Vec<RankedItem>,
     pub user: serde_json::Value,
+    /// The line's candidates that have no feature in any scored modality, so `items` leaves
+    /// them out; the front ends say so. Not part of the record's JSON.
+    #[serde(skip)]
+    pub left_out: Vec<u64>,
 }
 
 /// Why a line of a batch could not be scored or embedded: the kinds a run counts apart.
@@ -194,6 +198,11 @@ fn record(
         history_used: user.used.clone(),
         items: rec.ranked(&top),
         user: u.user.clone(),
+        left_out: u
+            .candidates
+            .as_deref()
+            .map(|c| rec.unscorable(c))
+            .unwrap_or_default(),
     })
 }
 
@@ -286,6 +295,7 @@ mod tests {
                 genres: vec!["Crime".into()],
             }],
             user: json!("u1"),
+            left_out: vec![9],
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
