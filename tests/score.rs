@@ -37,10 +37,14 @@ fn users(dir: &Path, n: usize) -> PathBuf {
 }
 
 fn score_args(input: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    score_args_on(&setup().1, input, output, extra)
+}
+
+fn score_args_on(bundle: &Path, input: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "score",
         "--bundle",
-        &s(&setup().1),
+        &s(bundle),
         "--input",
         &s(input),
         "--output",
@@ -282,17 +286,8 @@ fn a_featureless_candidate_is_left_out_with_a_warning_naming_its_line() {
     let line = serde_json::json!({"user": "u", "history": [ids[0]], "candidates": [ids[1], 777777777u64, ids[2]]});
     std::fs::write(&input, format!("{line}\n")).unwrap();
     let output = dir.join("out.jsonl");
-    let o = common::illmrec(&[
-        "score",
-        "--bundle",
-        &s(&bundle),
-        "--input",
-        &s(&input),
-        "--output",
-        &s(&output),
-        "--threads",
-        "1",
-    ]);
+    let args = score_args_on(&bundle, &input, &output, &[]);
+    let o = common::illmrec(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
