@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building illmrec needs on Debian/Ubuntu beyond Rust and Python 3: cmake (llama.cpp),
+# ninja-build (the generator tools/cuda's CMake builds use; they fall back to Make without it),
 # libclang-dev (bindgen, for llama-cpp-sys-2's bindings: it loads libclang.so and needs clang's
 # builtin headers, which libclang-dev pulls in), a C/C++ toolchain, pkg-config and OpenBLAS (the
 # default build's matrix products: libopenblas-dev for ggml's CMake to find it, libopenblas0-openmp
@@ -35,6 +36,7 @@ if has_dpkg; then
   installed cmake || on_path cmake || missing+=(cmake)
   installed libclang-dev || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
   installed build-essential || { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+  installed ninja-build || on_path ninja || missing+=(ninja-build)
   installed pkgconf || installed pkg-config || on_path pkg-config || missing+=(pkg-config)
   installed libopenblas-dev || missing+=(libopenblas-dev)
   installed libopenblas0-openmp || missing+=(libopenblas0-openmp)
@@ -44,6 +46,7 @@ else
   on_path cmake || missing+=(cmake)
   libclang_files || [ -n "${LIBCLANG_PATH:-}" ] || missing+=(libclang-dev)
   { on_path cc && on_path c++ && on_path make; } || missing+=(build-essential)
+  on_path ninja || missing+=(ninja-build)
   on_path pkg-config || missing+=(pkg-config)
   compgen -G "$root/usr/lib/*/libopenblas*.so*" >/dev/null || compgen -G "$root/usr/lib/*/*/libopenblas*.so*" >/dev/null ||
     compgen -G "$root/usr/lib64/libopenblas*.so*" >/dev/null || missing+=(libopenblas-dev)

@@ -35,7 +35,9 @@ def fake_root(tmp_path: Path, packages: list[str], files: list[str], dpkg: bool 
 BROWSER = ["chromium", "chromium-driver"]
 # OpenBLAS (build and run time) and pkg-config, which ggml's CMake uses to find it.
 BLAS = ["pkg-config", "libopenblas-dev", "libopenblas0-openmp"]
-BASE = ["cmake", "libclang-dev", "build-essential", *BLAS]
+# a C/C++ toolchain and the CMake generator of the CUDA build scripts
+BUILD = ["build-essential", "ninja-build"]
+BASE = ["cmake", "libclang-dev", *BUILD, *BLAS]
 
 
 def detect(root: Path, browser: bool = False) -> list[str]:
@@ -52,7 +54,7 @@ needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="dpkg
 @needs_dpkg
 def test_libclang_cpp_alone_is_not_libclang(tmp_path):
     """The image this project's machines start from: cmake absent, libclang-cpp14 present."""
-    root = fake_root(tmp_path, ["libclang-cpp14", "build-essential", *BLAS],
+    root = fake_root(tmp_path, ["libclang-cpp14", *BUILD, *BLAS],
                      ["/usr/lib/x86_64-linux-gnu/libclang-cpp.so.14", "/usr/lib/llvm-14/lib/libclang-cpp.so.14"])
     assert detect(root) == ["cmake", "libclang-dev"]
 
@@ -66,7 +68,7 @@ def test_everything_installed_needs_nothing(tmp_path):
 @needs_dpkg
 def test_runtime_libclang_without_dev_package_is_not_enough(tmp_path):
     """libclang1-14 ships libclang.so.1 but not clang's builtin headers, which bindgen needs."""
-    root = fake_root(tmp_path, ["cmake", "libclang1-14", "build-essential", *BLAS], ["/usr/lib/llvm-14/lib/libclang.so.1"])
+    root = fake_root(tmp_path, ["cmake", "libclang1-14", *BUILD, *BLAS], ["/usr/lib/llvm-14/lib/libclang.so.1"])
     assert detect(root) == ["libclang-dev"]
 
 
@@ -91,8 +93,14 @@ def test_the_kiosk_browser_test_gets_chromium_and_its_driver(tmp_path):
 def test_openblas_for_the_default_build(tmp_path):
     """The default build finds OpenBLAS with pkg-config at build time and opens the OpenMP build
     at run time (src/engine/blas.rs); the pthread runtime alone is not enough."""
-    none = fake_root(tmp_path / "a", ["cmake", "libclang-dev", "build-essential"], [])
+    none = fake_root(tmp_path / "a", ["cmake", "libclang-dev", *BUILD], [])
     assert detect(none) == BLAS
-    pthread_only = fake_root(tmp_path / "b", ["cmake", "libclang-dev", "build-essential", "pkgconf",
+    pthread_only = fake_root(tmp_path / "b", ["cmake", "libclang-dev", *BUILD, "pkgconf",
                                               "libopenblas-dev", "libopenblas0-pthread"], [])
     assert detect(pthread_only) == ["libopenblas0-openmp"]
+
+
+@needs_dpkg
+def test_ninja_is_installed_when_missing(tmp_path):
+    root = fake_root(tmp_path, [p for p in BASE if p != "ninja-build"], [])
+    assert detect(root) == ["ninja-build"]
