@@ -113,15 +113,15 @@ class Features:
             x, mask = data.rows(m, self.ids.tolist())
             self.x[m], self.mask[m] = x, mask
 
-    def mean_of(self, histories):
-        """The no-LLM user input: per modality the mean feature of the (<= 10) history items that
-        have it, concatenated (zeros where none has it)."""
+    def mean_of(self, histories, modalities=MODALITIES):
+        """The no-LLM user input: per modality (of `modalities`) the mean feature of the (<= 10)
+        history items that have it, concatenated (zeros where none has it)."""
         idx = torch.full((len(histories), MAX_HISTORY), -1, dtype=torch.long)
         for k, h in enumerate(histories):
             rows = [self.index[i] for i in h[-MAX_HISTORY:]]
             idx[k, :len(rows)] = torch.tensor(rows)
         parts = []
-        for m in MODALITIES:
+        for m in modalities:
             present = (idx >= 0) & self.mask[m][idx.clamp_min(0)]
             x = self.x[m][idx.clamp_min(0)] * present[..., None]
             parts.append(x.sum(1) / present.sum(1, keepdim=True).clamp_min(1))

@@ -343,13 +343,13 @@ class FeatureTrainer(Trainer):
     """The no-LLM model on the same samples: the user heads read the mean of the history items'
     features per modality, concatenated (zeros where none has it), instead of the [REC] state."""
 
-    def __init__(self, data, rec):
+    def __init__(self, data, rec, modalities=MODALITIES):
         from .stages import Features  # the staged recipe's no-LLM input (stages imports this module)
         self.data, self.rec, self.dev = data, rec, data.feats["img"].device
-        self.features = Features(data)
+        self.features, self.modalities = Features(data), modalities
 
     def rec_states(self, histories):
-        return self.features.mean_of(histories)
+        return self.features.mean_of(histories, self.modalities)
 
 
 def metrics(r):
@@ -427,6 +427,9 @@ def main(argv=None):
     ap.add_argument("--user-input", choices=["llm", "features"], default="llm",
                     help="features: the no-LLM baseline on the same samples (the user heads read the mean of the "
                          "history's features); writes OUT/summary.json and OUT/{valid,test}-ranks.jsonl, no heads")
+    ap.add_argument("--user-features", default=",".join(MODALITIES), metavar="M[,M...]",
+                    help="with --user-input features: the modalities of the history the user heads "
+                         "read (img,text: what an image prompt shows, no collaborative features)")
     ap.add_argument("--item-heads", type=Path,
                     help="start the item heads f_i_m from this heads.pt (`stages heads` output, e.g. the no-LLM "
                          "model's) instead of a random initialisation")
@@ -455,9 +458,14 @@ def main(argv=None):
         if a.ila_weight or a.train_token_embeddings:
             raise SystemExit("train: --user-input features runs no LLM: use it with --ila-weight 0 and "
                              "without --train-token-embeddings")
-        llm_dim, image_dim = sum(item_dims.values()), None
+        user_features = tuple(m for m in MODALITIES if m in a.user_features.split(","))
+        unknown = set(a.user_features.split(",")) - set(MODALITIES)
+        if unknown or not user_features:
+            raise SystemExit(f"train: --user-features takes modalities among {','.join(MODALITIES)}, "
+                             f"not {a.user_features!r}")
+        llm_dim, image_dim = sum(item_dims[m] for m in user_features), None
         rec = RecModule(llm_dim, item_dims, image_dim).to(a.device)
-        trainer = FeatureTrainer(data, rec)
+        trainer = FeatureTrainer(data, rec, user_features)
     else:
         model, tok = load_llm(a.model)
         model.to(a.device)

@@ -213,3 +213,18 @@ def test_no_llm_baseline_on_the_same_samples(tiny, tmp_path):
         assert summary[split]["users"] == len(cases)
         assert summary[split]["hr@5"] == pytest.approx(sum(r["rank"] < 5 for r in ranks) / len(ranks))
     assert not (out / "heads.safetensors").exists()  # nothing the runtime could serve
+
+
+def test_no_llm_baseline_reads_only_the_chosen_modalities(tiny, tmp_path):
+    out = tmp_path / "nollm-img-text"
+    with pytest.raises(SystemExit, match="--user-features takes modalities"):
+        tr.main(["--dataset", str(tiny), "--out", str(out), "--user-input", "features", "--ila-weight", "0",
+                 "--user-features", "img,audio", "--max-samples", "2"])
+    tr.main(["--dataset", str(tiny), "--out", str(out), "--user-input", "features", "--ila-weight", "0",
+             "--user-features", "img,text", "--max-samples", "4", "--batch-size", "2"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    data = tr.Data(tiny)
+    dims = {m: data.feats[m].shape[1] for m in tr.MODALITIES}
+    # the user heads' input is the img and text means only: no collaborative features
+    assert ckpt["rec"]["f_u_img.mlp.0.weight"].shape[1] == dims["img"] + dims["text"]
+    assert json.loads((out / "summary.json").read_text())["samples"] == 4
