@@ -227,26 +227,18 @@ fn an_output_that_is_the_input_is_refused() {
     std::fs::hard_link(&input, &hard).unwrap();
     let b = s(&demo_bundle());
     for out in [&input, &link, &hard] {
-        let o = illmrec(&[
-            "score",
-            "--bundle",
-            &b,
-            "--input",
-            &s(&input),
-            "--output",
-            &s(out),
-        ]);
-        assert_clean_error(&o, "is the input");
-        let o = illmrec(&[
-            "embed",
-            "--bundle",
-            &b,
-            "--input",
-            &s(&input),
-            "--output",
-            &s(out),
-        ]);
-        assert_clean_error(&o, "is the input");
+        for command in ["score", "embed"] {
+            let o = illmrec(&[
+                command,
+                "--bundle",
+                &b,
+                "--input",
+                &s(&input),
+                "--output",
+                &s(out),
+            ]);
+            assert_clean_error(&o, "is the input");
+        }
         assert_eq!(std::fs::read_to_string(&input).unwrap(), text);
     }
     // bank build: the ids file as the output.
