@@ -12,7 +12,7 @@ from illmrec_tools.export import build_bundle
 from illmrec_tools.parity import illmrec
 from conftest import tiny_dataset
 
-from illmrec_tools.llm import load_llm, segments, tokenize
+from illmrec_tools.llm import description, load_llm, segments, tokenize
 
 
 
@@ -228,3 +228,20 @@ def test_no_llm_baseline_reads_only_the_chosen_modalities(tiny, tmp_path):
     # the user heads' input is the img and text means only: no collaborative features
     assert ckpt["rec"]["f_u_img.mlp.0.weight"].shape[1] == dims["img"] + dims["text"]
     assert json.loads((out / "summary.json").read_text())["samples"] == 4
+
+
+def test_adaptor_fits_the_description_embeddings(llm, tiny):
+    model, tok = llm
+    data = tr.Data(tiny)
+    torch.manual_seed(0)
+    rec = tr.RecModule(640, {m: data.feats[m].shape[1] for m in tr.MODALITIES}, 1024)
+    trainer = tr.Trainer(model, tok, data, rec, "image")
+    before = rec.adaptor.interface.weight.detach().clone()
+    r0, _ = tr.fit_adaptor_to_text(trainer, 0)
+    r2, n = tr.fit_adaptor_to_text(trainer, 200)
+    posters = [i for i in data.ids.tolist() if data.has_image(i)]
+    assert n == sum(description(tok, data.items[i]) is not None for i in posters)  # the ones with a text
+    # random image features here (the real ones reach more): the fit must still move toward the texts
+    assert r0 < 0 < r2, (r0, r2)
+    assert not torch.equal(before, rec.adaptor.interface.weight)
+    assert all(p.grad is None for n_, p in rec.named_parameters() if not n_.startswith("adaptor."))
