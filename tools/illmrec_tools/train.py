@@ -358,10 +358,11 @@ def fit_adaptor_to_text(trainer, steps, lr=1e-3):
     has none, cut to 64 tokens as in a description prompt), so the visual token starts where the
     LLM reads that item's text. Full-batch Adam on the items with an image; returns the R^2."""
     data, rec = trainer.data, trainer.rec
-    ids = [i for i in data.ids.tolist() if data.has_image(i) and description(trainer.tok, data.items[i])]
+    texts = {i: description(trainer.tok, data.items[i]) for i in data.ids.tolist() if data.has_image(i)}
+    ids = [i for i, t in texts.items() if t]
     with torch.no_grad():
-        y = torch.stack([trainer.embed(torch.tensor(encode(trainer.tok, description(trainer.tok, data.items[i])),
-                                                    device=trainer.dev)).mean(0) for i in ids]).float()
+        y = torch.stack([trainer.embed(torch.tensor(encode(trainer.tok, texts[i]), device=trainer.dev)).mean(0)
+                         for i in ids]).float()
     x = data.rows("img", ids)[0]
     opt = torch.optim.Adam(rec.adaptor.parameters(), lr=lr)
     for _ in range(steps):
@@ -477,14 +478,16 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     data = Data(a.dataset, a.device)
     item_dims = {m: data.feats[m].shape[1] for m in MODALITIES}
+    if a.init_adaptor_text and (a.prompt_style != "image" or a.user_input == "features"):
+        raise SystemExit("train: --init-adaptor-text needs the image prompt (an adaptor)")
     table = None
     if a.user_input == "features":
         if a.ila_weight or a.train_token_embeddings:
             raise SystemExit("train: --user-input features runs no LLM: use it with --ila-weight 0 and "
                              "without --train-token-embeddings")
-        user_features = tuple(m for m in MODALITIES if m in a.user_features.split(","))
-        unknown = set(a.user_features.split(",")) - set(MODALITIES)
-        if unknown or not user_features:
+        asked = a.user_features.split(",")
+        user_features = tuple(m for m in MODALITIES if m in asked)
+        if set(asked) - set(MODALITIES) or not user_features:
             raise SystemExit(f"train: --user-features takes modalities among {','.join(MODALITIES)}, "
                              f"not {a.user_features!r}")
         llm_dim, image_dim = sum(item_dims[m] for m in user_features), None
@@ -575,8 +578,6 @@ def main(argv=None):
         raise SystemExit(f"train: --export-only needs a checkpoint, and {ckpt} does not exist")
     if not a.export_only:
         if a.init_adaptor_text and step == 0:
-            if image_dim is None:
-                raise SystemExit("train: --init-adaptor-text needs the image prompt (an adaptor)")
             r2, n = fit_adaptor_to_text(trainer, a.init_adaptor_text)
             print(f"adaptor fitted to the description embeddings of {n} items: R2 {r2:.3f}", flush=True)
         if a.standardize and step == 0 and not hasattr(rec, "state_mu"):
