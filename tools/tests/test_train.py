@@ -56,6 +56,22 @@ def test_prompt_matches_runtime(llm, tiny, tmp_path):
         assert [m[1] for m in markers if m and m[0] == "img"] == [i for i in h if data.has_image(i)]
 
 
+def test_states_do_not_depend_on_the_batch_or_the_prefix_cache(llm, tiny):
+    model, tok = llm
+    data = tr.Data(tiny)
+    torch.manual_seed(0)
+    rec = tr.RecModule(640, {m: data.feats[m].shape[1] for m in tr.MODALITIES}, 1024)
+    hist = [s["history"] for s in tr.epoch_samples(data, 0, 0, ["title", "genres"])[:3]]
+    assert len({len(h) for h in hist}) > 1  # prompts of different lengths in one batch
+    with torch.no_grad():
+        batch = tr.Trainer(model, tok, data, rec, "image").rec_states(hist)
+        alone = torch.cat([tr.Trainer(model, tok, data, rec, "image").rec_states([h]) for h in hist])
+        whole = tr.Trainer(model, tok, data, rec, "image", cache_prefix=False).rec_states(hist)
+    scale = batch.abs().max()
+    assert (batch - alone).abs().max() <= 1e-4 * scale
+    assert (batch - whole).abs().max() <= 1e-3 * scale
+
+
 def test_training_lowers_loss_and_exports(llm, tiny, tmp_path):
     model, tok = llm
     data = tr.Data(tiny)
