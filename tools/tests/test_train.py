@@ -64,8 +64,9 @@ def test_states_do_not_depend_on_the_batch_or_the_prefix_cache(llm, tiny):
     hist = [s["history"] for s in tr.epoch_samples(data, 0, 0, ["title", "genres"])[:3]]
     assert len({len(h) for h in hist}) > 1  # prompts of different lengths in one batch
     with torch.no_grad():
-        batch = tr.Trainer(model, tok, data, rec, "image").rec_states(hist)
-        alone = torch.cat([tr.Trainer(model, tok, data, rec, "image").rec_states([h]) for h in hist])
+        cached = tr.Trainer(model, tok, data, rec, "image")
+        batch = cached.rec_states(hist)
+        alone = torch.cat([cached.rec_states([h]) for h in hist])
         whole = tr.Trainer(model, tok, data, rec, "image", cache_prefix=False).rec_states(hist)
     scale = batch.abs().max()
     assert (batch - alone).abs().max() <= 1e-4 * scale
