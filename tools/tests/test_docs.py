@@ -251,5 +251,5 @@ def test_relative_links_point_to_existing_files_and_headings():
 def test_setup_commands_are_the_two_scripts():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for script in ("tools/demo.sh", "tools/test.sh"):
-        assert re.search(rf"^{re.escape(script)}\s", readme, re.M), f"README.md lost the set-up command {script}"
+        assert re.search(rf"^\./{re.escape(script)}$", readme, re.M), f"README.md lost the set-up command ./{script}"
         assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
